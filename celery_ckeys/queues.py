@@ -1,0 +1,53 @@
+"""``ConcurrencyQueue``: a named limit that several tasks may share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
+
+from .errors import InvalidConcurrencyQueue
+from .validation import check_limit, check_queue_name
+
+
+@dataclass(frozen=True)
+class ConcurrencyQueue:
+    """At most ``limit`` runs of this queue execute at once across all workers.
+
+    ``limit=None`` leaves the limit to what Redis already records for the queue
+    (set by an earlier trigger or ``celery ckeys limits set``), else to
+    ``ckeys_environment_limit``.
+    """
+
+    name: str
+    limit: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_queue_name(self.name)
+        if self.limit is not None:
+            check_limit(self.limit, what=f"limit of queue {self.name!r}")
+
+    def as_header(self) -> dict[str, Any]:
+        return {"name": self.name, "limit": self.limit}
+
+
+QueueLike = Union[ConcurrencyQueue, str, Mapping[str, Any]]
+
+
+def coerce_queue(value: Any) -> ConcurrencyQueue:
+    """Accept a :class:`ConcurrencyQueue`, a queue name, or ``{"name": ..., "limit": ...}``."""
+    if isinstance(value, ConcurrencyQueue):
+        return value
+    if isinstance(value, str):
+        return ConcurrencyQueue(value)
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"name", "limit"}
+        if unknown:
+            raise InvalidConcurrencyQueue(
+                f"concurrency_queue accepts the fields 'name' and 'limit', got {sorted(unknown)}",
+                queue=dict(value))
+        if "name" not in value:
+            raise InvalidConcurrencyQueue("concurrency_queue needs a 'name'", queue=dict(value))
+        return ConcurrencyQueue(value["name"], value.get("limit"))
+    raise InvalidConcurrencyQueue(
+        "concurrency_queue must be a ConcurrencyQueue, a queue name or"
+        f" {{'name': ..., 'limit': ...}}, got {type(value).__name__}: {value!r}", queue=value)

@@ -1,0 +1,56 @@
+"""celery_ckeys's own Celery signals, and the Celery signal handlers it connects.
+
+Custom signals (connect to them as to any Celery signal)::
+
+    from celery_ckeys.signals import slots_acquired, run_deferred, slots_released
+
+    @run_deferred.connect
+    def on_deferred(sender, task_id, blocked_by, holder, countdown, **kw): ...
+
+``slots_acquired``  sender=task; ``task_id``, ``slots`` (labels), ``fence``
+    A run took every slot it needs (a key, a queue or partition slot, the environment)
+    and its body is about to run. ``key_acquired`` is the same signal.
+``run_deferred``    sender=task; ``task_id``, ``blocked_by`` (label of the full slot),
+    ``holder`` (task id of a run holding it, or ``""``), ``countdown`` (seconds, or
+    ``None`` when parked), ``reason`` (``"busy"`` or ``"unavailable"``)
+    A run could not get its slots and was deferred; it did not execute.
+``slots_released``  sender=task or ``None``; ``task_id``, ``slots`` (labels), ``reason``
+    (``"finished"``, ``"waiting"`` or ``"worker-lost"``)
+    A run's slots were given back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.signals import before_task_publish
+from celery.utils.dispatch import Signal
+
+slots_acquired = Signal(name="ckeys_slots_acquired",
+                        providing_args={"task_id", "slots", "fence"})
+key_acquired = slots_acquired
+run_deferred = Signal(name="ckeys_run_deferred",
+                      providing_args={"task_id", "blocked_by", "holder", "countdown", "reason"})
+slots_released = Signal(name="ckeys_slots_released",
+                        providing_args={"task_id", "slots", "reason"})
+
+# Options that may arrive as message properties (``app.send_task(name, concurrency_key=K)``
+# bypasses the task class) and must travel as headers for the worker to see them.
+PROPERTY_OPTIONS = ("concurrency_key", "concurrency_queue", "tags")
+
+
+@before_task_publish.connect(weak=False, dispatch_uid="celery_ckeys.move_properties")
+def _move_properties_to_headers(headers: Any = None, properties: Any = None, **_: Any) -> None:
+    """Backstop for producers that never went through :func:`celery_ckeys.install`.
+
+    Nothing can be raised from here (Celery logs and swallows receiver errors), so it only
+    moves values; the worker then validates them and fails a run whose header is bad.
+    """
+    if not properties or headers is None:
+        return
+    from .publish import HEADER_FOR_OPTION
+
+    for option in PROPERTY_OPTIONS:
+        if option in properties:
+            value = properties.pop(option)
+            headers.setdefault(HEADER_FOR_OPTION[option], value)

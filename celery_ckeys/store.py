@@ -1,0 +1,346 @@
+"""The Redis layer: one client per process and config, the Lua scripts, and slot I/O.
+
+Policies (which slots a run needs) live in :mod:`celery_ckeys.admission`; this module
+only knows how to take, renew and give back a list of slots, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable, Optional, Sequence
+from urllib.parse import urlparse
+
+import redis
+
+from .config import CkeysConfig
+from .errors import CoordinationUnavailable, describe
+from .naming import (
+    CONF,
+    DEFERRED,
+    HOLDERS,
+    META,
+    PARKED,
+    RESUMING,
+    WAITING,
+    WAKE,
+    Names,
+)
+
+# What a failed call to Redis looks like, whatever the deployment.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+
+_SCRIPT_NAMES = ("acquire", "release", "renew", "wait", "park", "wake", "sweep")
+
+
+def _load_script(name: str) -> str:
+    return (resources.files("celery_ckeys") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+_SOURCES: dict[str, str] = {}
+
+
+def script_source(name: str) -> str:
+    if name not in _SOURCES:
+        _SOURCES[name] = _load_script(name)
+    return _SOURCES[name]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One thing a run must hold: the environment, a key, a queue or a partition.
+
+    ``spec`` is the Lua limit spec (see ``acquire.lua``) with ``conf`` standing for the
+    queue's conf hash; ``label`` is what people read in logs and ``status``.
+    """
+
+    tag: str
+    kind: str
+    label: str
+    spec: tuple[tuple[str, Any], ...]
+    conf_tag: Optional[str] = None
+
+    def key(self, role: str) -> str:
+        return Names.redis_key(self.tag, role)
+
+    @property
+    def is_alternative(self) -> bool:
+        return dict(self.spec).get("alt", False) is True
+
+
+@dataclass(frozen=True)
+class AcquireResult:
+    ok: bool
+    fence: int = 0
+    taken: tuple[Slot, ...] = ()
+    blocked: Optional[Slot] = None
+    holder: str = ""
+    limit: int = 0
+
+
+def _client_options(config: CkeysConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "socket_timeout": config.socket_timeout,
+        "socket_connect_timeout": min(config.socket_timeout, 2.0),
+        "health_check_interval": 30,
+    }
+    for name in ("socket_timeout", "socket_connect_timeout", "password", "username",
+                 "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
+                 "health_check_interval"):
+        if name in config.redis_transport_options:
+            options[name] = config.redis_transport_options[name]
+    return options
+
+
+def make_client(config: CkeysConfig) -> Any:
+    """A redis-py client for ``ckeys_redis_url``: plain, TLS, unix, Sentinel or Cluster."""
+    url = config.redis_url
+    options = _client_options(config)
+    if url.startswith(("sentinel://", "sentinels://")):
+        return _sentinel_client(config, options)
+    if config.redis_cluster:
+        from redis.cluster import RedisCluster
+
+        options.pop("health_check_interval", None)
+        return RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def _sentinel_client(config: CkeysConfig, options: dict[str, Any]) -> Any:
+    """Sentinel the way Celery's own Redis transport takes it.
+
+    ``sentinel://[:password@]host:port[/db];sentinel://host2:port`` with the master's name
+    in ``ckeys_redis_transport_options["master_name"]``; ``sentinel_kwargs`` go to the
+    sentinels themselves.
+    """
+    from redis.sentinel import Sentinel
+
+    transport = dict(config.redis_transport_options)
+    master_name = transport.get("master_name")
+    if not master_name:
+        from .errors import ConfigurationError
+
+        raise ConfigurationError(
+            "a sentinel:// ckeys_redis_url needs ckeys_redis_transport_options['master_name']",
+            setting="ckeys_redis_transport_options")
+    hosts = []
+    password = None
+    username = None
+    db = 0
+    for part in config.redis_url.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        parsed = urlparse(part)
+        hosts.append((parsed.hostname or "127.0.0.1", parsed.port or 26379))
+        password = parsed.password or password
+        username = parsed.username or username
+        if parsed.path and parsed.path.strip("/"):
+            db = int(parsed.path.strip("/"))
+    if password and "password" not in options:
+        options["password"] = password
+    if username and "username" not in options:
+        options["username"] = username
+    if config.redis_url.startswith("sentinels://"):
+        options["ssl"] = True
+    sentinel = Sentinel(hosts, sentinel_kwargs=transport.get("sentinel_kwargs") or {},
+                        socket_timeout=options.get("socket_timeout"))
+    options.pop("health_check_interval", None)
+    return sentinel.master_for(master_name, db=db, **options)
+
+
+class Store:
+    """Owns the Redis client of one config in one process, and every script call.
+
+    The client is created lazily and again after ``fork()``, so a prefork pool never
+    shares a connection with its parent.
+    """
+
+    def __init__(self, config: CkeysConfig) -> None:
+        self.config = config
+        self.names = Names(config.namespace)
+        self._client: Any = None
+        self._pid = 0
+        self._scripts: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    # -- connection -----------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        if self._client is None or self._pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._pid != os.getpid():
+                    self._client = make_client(self.config)
+                    self._scripts = {}
+                    self._pid = os.getpid()
+        return self._client
+
+    def script(self, name: str) -> Any:
+        client = self.client
+        found = self._scripts.get(name)
+        if found is None:
+            found = self._scripts[name] = client.register_script(script_source(name))
+        return found
+
+    def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script; any Redis failure becomes :class:`CoordinationUnavailable`."""
+        try:
+            return self.script(name)(keys=list(keys), args=list(args))
+        except REDIS_ERRORS as exc:
+            raise CoordinationUnavailable(
+                f"coordination Redis at {self.config.safe_url()} is unavailable: {describe(exc)}",
+                url=self.config.safe_url()) from None
+
+    def guarded(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(client)``; a Redis failure becomes :class:`CoordinationUnavailable`."""
+        try:
+            return fn(self.client)
+        except REDIS_ERRORS as exc:
+            raise CoordinationUnavailable(
+                f"coordination Redis at {self.config.safe_url()} is unavailable: {describe(exc)}",
+                url=self.config.safe_url()) from None
+
+    def pipeline(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run several scripts in one round trip; returns their replies in order.
+
+        redis-py's pipeline would first ask ``SCRIPT EXISTS`` for registered scripts (a
+        second round trip every time), so this sends bare EVALSHAs and falls back to a
+        full EVAL only for a call that meets ``NOSCRIPT`` (after a Redis restart).
+        """
+        from redis.exceptions import NoScriptError
+
+        def _do(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for name, keys, args in calls:
+                pipe.evalsha(self.script(name).sha, len(keys), *keys, *args)
+            replies = list(pipe.execute(raise_on_error=False))
+            for i, reply in enumerate(replies):
+                if isinstance(reply, NoScriptError):
+                    name, keys, args = calls[i]
+                    replies[i] = self.script(name)(keys=list(keys), args=list(args))
+                elif isinstance(reply, Exception):
+                    raise reply
+            return replies
+
+        return list(self.guarded(_do))
+
+    def close(self) -> None:
+        if self._client is not None and self._pid == os.getpid():
+            try:
+                self._client.close()
+            except REDIS_ERRORS:
+                pass
+        self._client = None
+
+    # -- slots ----------------------------------------------------------------
+    def acquire(self, slots: Sequence[Slot], owner: str, holder: dict[str, Any], *,
+                primary: int, resume: bool = False) -> AcquireResult:
+        """Take every slot or none. ``primary`` is the 1-based slot that records deferrals."""
+        keys: list[str] = []
+        for slot in slots:
+            keys += [slot.key(HOLDERS), slot.key(META), slot.key(DEFERRED), slot.key(RESUMING)]
+        conf_index: dict[str, int] = {}
+        specs: list[dict[str, Any]] = []
+        for slot in slots:
+            spec = dict(slot.spec)
+            if "c" in spec:
+                assert slot.conf_tag is not None
+                if slot.conf_tag not in conf_index:
+                    keys.append(Names.redis_key(slot.conf_tag, CONF))
+                    conf_index[slot.conf_tag] = len(keys)
+                spec["c"] = conf_index[slot.conf_tag]
+            specs.append(spec)
+        args = [
+            owner, self.config.lock_ttl_ms, json.dumps(holder, separators=(",", ":")),
+            json.dumps(specs, separators=(",", ":")), primary,
+            self.config.deferral_memory_ms, "1" if resume else "0",
+        ]
+        reply = self.call("acquire", keys, args)
+        if int(reply[0]) == 1:
+            taken_idx = [int(i) for i in _text(reply[2]).split(",") if i]
+            return AcquireResult(True, fence=int(reply[1]),
+                                 taken=tuple(slots[i - 1] for i in taken_idx))
+        j = int(reply[1])
+        return AcquireResult(False, blocked=slots[j - 1], holder=_text(reply[2]),
+                             limit=int(reply[3]))
+
+    def release(self, slots: Sequence[Slot], owner: str, *, only: str = "") -> int:
+        keys = _release_keys(slots)
+        if not keys:
+            return 0
+        return int(self.call("release", keys, [owner, only]))
+
+    def release_many(self, runs: Sequence[tuple[Sequence[Slot], str]]) -> None:
+        """Release several runs in one round trip."""
+        if len(runs) == 1:
+            self.release(runs[0][0], runs[0][1])
+            return
+        self.pipeline([("release", _release_keys(slots), (owner, "")) for slots, owner in runs])
+
+    def renew(self, slots: Sequence[Slot], owner: str) -> int:
+        keys: list[str] = []
+        for slot in slots:
+            keys += [slot.key(HOLDERS), slot.key(META)]
+        return int(self.call("renew", keys, [owner, self.config.lock_ttl_ms]))
+
+    def renew_many(self, runs: Sequence[tuple[Sequence[Slot], str, str]]) -> list[int]:
+        """Renew several runs in one round trip; each item is ``(slots, owner, role)``.
+
+        ``role`` is ``HOLDERS`` for running runs and ``WAITING`` for runs blocked in
+        ``wait_for`` (whose place in the wait chain must not expire).
+        """
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        for slots, owner, role in runs:
+            keys: list[str] = []
+            for slot in slots:
+                keys += [slot.key(role), slot.key(META)]
+            calls.append(("renew", keys, (owner, self.config.lock_ttl_ms)))
+        return [int(x) for x in self.pipeline(calls)]
+
+    def queue_limit(self, queue: str) -> Optional[int]:
+        value = self.guarded(lambda c: c.hget(Names.redis_key(self.names.queue(queue), CONF), "limit"))
+        return int(value) if value is not None else None
+
+    def set_queue_limit(self, queue: str, limit: Optional[int]) -> None:
+        key = Names.redis_key(self.names.queue(queue), CONF)
+        if limit is None:
+            self.guarded(lambda c: c.hdel(key, "limit"))
+        else:
+            self.guarded(lambda c: c.hset(key, "limit", limit))
+
+
+def _release_keys(slots: Sequence[Slot]) -> list[str]:
+    keys: list[str] = []
+    for slot in slots:
+        keys += [slot.key(HOLDERS), slot.key(META), slot.key(RESUMING), slot.key(WAKE)]
+    return keys
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return str(value)
+
+
+_stores: dict[CkeysConfig, Store] = {}
+_stores_lock = threading.Lock()
+
+
+def store_for(config: CkeysConfig) -> Store:
+    """The process-wide :class:`Store` of ``config``: equal configs share one client."""
+    found = _stores.get(config)
+    if found is None:
+        with _stores_lock:
+            found = _stores.get(config)
+            if found is None:
+                found = _stores[config] = Store(config)
+    return found
+
+
+__all__ = [
+    "CONF", "DEFERRED", "HOLDERS", "META", "PARKED", "REDIS_ERRORS", "RESUMING", "WAITING",
+    "WAKE", "AcquireResult", "Slot", "Store", "make_client", "store_for",
+]

@@ -1,0 +1,74 @@
+"""Checks for every user-supplied key, queue, limit and tag.
+
+They run at the call, before anything is published, and again on the worker for
+headers that came from producers outside this package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (
+    InvalidConcurrencyKey,
+    InvalidConcurrencyLimit,
+    InvalidConcurrencyQueue,
+    InvalidTags,
+)
+
+MAX_KEY_LENGTH = 256
+MAX_QUEUE_NAME_LENGTH = 256
+MAX_TAGS = 10
+MAX_TAG_LENGTH = 128
+
+
+def check_key(value: Any) -> str:
+    """Return ``value`` if it is a usable concurrency key, else raise :class:`InvalidConcurrencyKey`."""
+    if not isinstance(value, str):
+        raise InvalidConcurrencyKey(
+            f"concurrency_key must be a str, got {type(value).__name__}: {value!r}", key=value)
+    if not value:
+        raise InvalidConcurrencyKey("concurrency_key must not be empty", key=value)
+    if len(value) > MAX_KEY_LENGTH:
+        raise InvalidConcurrencyKey(
+            f"concurrency_key is {len(value)} characters long; the maximum is {MAX_KEY_LENGTH}",
+            key=value)
+    return value
+
+
+def check_limit(value: Any, *, what: str = "concurrency_limit") -> int:
+    """Return ``value`` if it is a positive ``int`` (not a bool), else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidConcurrencyLimit(
+            f"{what} must be a positive integer, got {type(value).__name__}: {value!r}", limit=value)
+    if value < 1:
+        raise InvalidConcurrencyLimit(f"{what} must be a positive integer, got {value!r}", limit=value)
+    return value
+
+
+def check_queue_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidConcurrencyQueue(
+            f"a concurrency queue name must be a str, got {type(value).__name__}: {value!r}",
+            queue=value)
+    if not value:
+        raise InvalidConcurrencyQueue("a concurrency queue name must not be empty", queue=value)
+    if len(value) > MAX_QUEUE_NAME_LENGTH:
+        raise InvalidConcurrencyQueue(
+            f"a concurrency queue name is {len(value)} characters long;"
+            f" the maximum is {MAX_QUEUE_NAME_LENGTH}", queue=value)
+    return value
+
+
+def check_tags(value: Any) -> list[str]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise InvalidTags(f"tags must be a list of str, got {type(value).__name__}: {value!r}", tags=value)
+    if len(value) > MAX_TAGS:
+        raise InvalidTags(f"at most {MAX_TAGS} tags are allowed, got {len(value)}", tags=value)
+    for tag in value:
+        if not isinstance(tag, str) or not tag:
+            raise InvalidTags(f"every tag must be a non-empty str, got {tag!r}", tags=value)
+        if len(tag) > MAX_TAG_LENGTH:
+            raise InvalidTags(
+                f"tag {tag[:20]!r}... is {len(tag)} characters long; the maximum is {MAX_TAG_LENGTH}",
+                tags=value)
+    return list(value)
