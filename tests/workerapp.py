@@ -1,0 +1,237 @@
+"""The Celery app the tests run in real ``celery worker`` subprocesses.
+
+Each test gets its own broker database and ckeys namespace, passed in the environment.
+Task bodies report to a *probe* in the coordination Redis: how many runs of each label
+execute at this moment, the highest number ever seen, and an event log, all updated
+atomically by Lua so that overlap is measured exactly, without clocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import redis
+from celery import Celery
+from celery.exceptions import Ignore, Reject
+
+from celery_ckeys import ConcurrencyQueue, KeyedTask, wait_for
+from celery_ckeys import signals as ckeys_signals
+
+ENTER = """
+for i, label in ipairs(KEYS) do
+  local c = redis.call('HINCRBY', ARGV[1] .. ':cur', label, 1)
+  local m = tonumber(redis.call('HGET', ARGV[1] .. ':max', label) or '0')
+  if c > m then redis.call('HSET', ARGV[1] .. ':max', label, c) end
+end
+redis.call('RPUSH', ARGV[1] .. ':log', ARGV[2])
+return 1
+"""
+EXIT = """
+for i, label in ipairs(KEYS) do
+  redis.call('HINCRBY', ARGV[1] .. ':cur', label, -1)
+end
+redis.call('RPUSH', ARGV[1] .. ':log', ARGV[2])
+return 1
+"""
+
+
+class Probe:
+    def __init__(self, url: str, namespace: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.prefix = f"probe:{namespace}"
+        self._enter = self.client.register_script(ENTER)
+        self._exit = self.client.register_script(EXIT)
+
+    @contextmanager
+    def running(self, labels: list[str], task_id: str, extra: Optional[dict[str, Any]] = None
+                ) -> Iterator[None]:
+        info = {"id": task_id, "labels": labels, "pid": os.getpid(), **(extra or {})}
+        self._enter(keys=labels, args=[self.prefix, json.dumps({"ev": "start", **info})])
+        try:
+            yield
+        finally:
+            self._exit(keys=labels, args=[self.prefix, json.dumps({"ev": "end", **info})])
+
+    def note(self, **event: Any) -> None:
+        self.client.rpush(f"{self.prefix}:log", json.dumps(event))
+
+
+def make_app(broker: str, backend: str, redis_url: str, namespace: str,
+             conf: Optional[dict[str, Any]] = None) -> Celery:
+    app = Celery("ckt", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(
+        ckeys_redis_url=redis_url,
+        ckeys_namespace=namespace,
+        ckeys_retry_countdown=0.3,
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_track_started=False,
+    )
+    app.conf.update(conf or {})
+    probe = Probe(redis_url, namespace)
+    register(app, probe)
+    return app
+
+
+def register(app: Celery, probe: Probe) -> None:
+    task = functools.partial(app.task, shared=False)
+
+    def body(task: Any, labels: list[str], duration: float) -> dict[str, Any]:
+        req = task.request
+        with probe.running(labels, req.id, {"slots": getattr(req, "ckeys_slots", None)}):
+            if duration:
+                time.sleep(duration)
+        return {
+            "id": req.id,
+            "retries": req.retries,
+            "headers": req.headers,
+            "slots": getattr(req, "ckeys_slots", None),
+            "fence": getattr(req, "ckeys_fence", None),
+            "routing_key": (req.delivery_info or {}).get("routing_key"),
+            "pid": os.getpid(),
+        }
+
+    @task(bind=True, base=KeyedTask, name="ckt.work")
+    def work(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:
+        return body(self, labels, duration)
+
+    @task(bind=True, base=KeyedTask, name="ckt.plain_keyed", max_retries=0)
+    def no_retries(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:
+        return body(self, labels, duration)
+
+    @task(bind=True, name="ckt.plain")
+    def plain(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:
+        return body(self, labels, duration)
+
+    @task(bind=True, base=KeyedTask, name="ckt.templated", concurrency_key="contact:{contact_id}")
+    def templated(self: Any, contact_id: str, duration: float = 0.0) -> dict[str, Any]:
+        return body(self, [f"contact:{contact_id}"], duration)
+
+    @task(bind=True, base=KeyedTask, name="ckt.by_callable",
+              concurrency_key=lambda a, b, duration=0.0: f"pair:{a}-{b}")
+    def by_callable(self: Any, a: str, b: str, duration: float = 0.0) -> dict[str, Any]:
+        return body(self, [f"pair:{a}-{b}"], duration)
+
+    @task(bind=True, base=KeyedTask, name="ckt.one_at_a_time", concurrency_limit=1)
+    def one_at_a_time(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:
+        return body(self, labels, duration)
+
+    shared = ConcurrencyQueue("shared", limit=2)
+
+    @task(bind=True, base=KeyedTask, name="ckt.shared_a", concurrency_queue=shared)
+    def shared_a(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:
+        return body(self, labels, duration)
+
+    @task(bind=True, base=KeyedTask, name="ckt.shared_b", concurrency_queue=shared)
+    def shared_b(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:
+        return body(self, labels, duration)
+
+    # -- end paths ------------------------------------------------------------
+    @task(bind=True, base=KeyedTask, name="ckt.end", max_retries=1, default_retry_delay=0.2,
+              soft_time_limit=30)
+    def end(self: Any, how: str, labels: list[str]) -> Any:
+        with probe.running(labels, self.request.id):
+            probe.note(ev="body", id=self.request.id, how=how, retries=self.request.retries,
+                       pid=os.getpid())
+            if how == "ok":
+                return "ok"
+            if how == "raise":
+                raise RuntimeError("boom")
+            if how == "retry":
+                if self.request.retries == 0:
+                    raise self.retry(countdown=0.2)
+                return "retried"
+            if how == "reject":
+                raise Reject("rejected", requeue=False)
+            if how == "ignore":
+                raise Ignore()
+            if how == "sleep":
+                time.sleep(60)
+                return "slept"
+            if how == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+        raise ValueError(how)
+
+    @task(bind=True, base=KeyedTask, name="ckt.soft_limit", soft_time_limit=0.5)
+    def soft_limit(self: Any, labels: list[str]) -> str:
+        with probe.running(labels, self.request.id):
+            probe.note(ev="body", id=self.request.id, pid=os.getpid())
+            time.sleep(30)
+        return "unreachable"
+
+    @task(bind=True, base=KeyedTask, name="ckt.hard_limit", time_limit=1)
+    def hard_limit(self: Any, labels: list[str]) -> str:
+        probe.note(ev="body", id=self.request.id, pid=os.getpid())
+        time.sleep(30)
+        return "unreachable"
+
+    # -- waits ----------------------------------------------------------------
+    @task(bind=True, base=KeyedTask, name="ckt.parent")
+    def parent(self: Any, labels: list[str], child_labels: list[str], child_opts: dict[str, Any],
+               depth: int = 1, duration: float = 0.0, child_duration: float = 0.3,
+               timeout: Optional[float] = None, child_how: str = "ok") -> Any:
+        with probe.running(labels, self.request.id, {"phase": "before"}):
+            if duration:
+                time.sleep(duration)
+        if depth > 1:
+            sig = parent.s(child_labels, child_labels, child_opts, depth=depth - 1,
+                           duration=duration, child_duration=child_duration, child_how=child_how)
+        else:
+            sig = child.s(child_labels, child_duration, child_how)
+        sig = sig.set(**child_opts)
+        probe.note(ev="wait", id=self.request.id)
+        result = self.wait_for(sig, timeout=timeout)
+        probe.note(ev="resumed", id=self.request.id)
+        with probe.running(labels, self.request.id, {"phase": "after"}):
+            pass
+        return {"child": result, "slots": getattr(self.request, "ckeys_slots", None)}
+
+    @task(bind=True, base=KeyedTask, name="ckt.child")
+    def child(self: Any, labels: list[str], duration: float = 0.3, how: str = "ok") -> Any:
+        with probe.running(labels, self.request.id):
+            time.sleep(duration)
+        if how == "raise":
+            raise KeyError("child failed")
+        return {"id": self.request.id, "slots": getattr(self.request, "ckeys_slots", None)}
+
+    @task(name="ckt.free_waiter")
+    def free_waiter(labels: list[str], child_labels: list[str]) -> Any:
+        return wait_for(child.s(child_labels, 0.2))
+
+    @task(bind=True, base=KeyedTask, name="ckt.spawn")
+    def spawn(self: Any, labels: list[str]) -> Any:
+        """Publishes a child from inside a keyed run, to show children inherit nothing."""
+        with probe.running(labels, self.request.id):
+            sub = work.apply_async(([f"child-of:{self.request.id}"], 0.0))
+        return sub.id
+
+    # -- signals: the worker reports them to the probe ------------------------
+    def report(name: str) -> Any:
+        def receiver(sender: Any = None, **kw: Any) -> None:
+            kw.pop("signal", None)
+            probe.note(ev="signal", name=name, task=getattr(sender, "name", None),
+                       **{k: v for k, v in kw.items() if isinstance(v, (str, int, float, list))})
+        return receiver
+
+    for name in ("slots_acquired", "run_deferred", "slots_released"):
+        getattr(ckeys_signals, name).connect(report(name), weak=False)
+
+
+def _from_env() -> Optional[Celery]:
+    if "CKT_BROKER" not in os.environ:
+        return None
+    return make_app(os.environ["CKT_BROKER"], os.environ["CKT_BACKEND"], os.environ["CKT_REDIS"],
+                    os.environ["CKT_NS"], json.loads(os.environ.get("CKT_CONF", "{}")))
+
+
+app = _from_env()
