@@ -1,0 +1,46 @@
+# celery_ckeys developer entry points. Everything runs in ./.venv, created on first use;
+# nothing needs a system Redis (an embedded redis-server is used when none is given).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv test lint demo bench chaos clean
+
+help:
+	@echo "make demo   - run the example project's scenarios on an embedded Redis"
+	@echo "make test   - the test suite (real redis-server, real celery workers)"
+	@echo "make lint   - ruff and mypy"
+	@echo "make bench  - benchmarks against plain Celery and peer packages"
+	@echo "make chaos  - the long chaos run (CI runs a short one inside make test)"
+
+$(STAMP): pyproject.toml example_project/pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 9), "Python 3.9+ is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,embedded,metrics,lint]" -e ./example_project
+	$(BIN)/python -m celery_ckeys.embedded --fetch >/dev/null
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check celery_ckeys tests bench example_project
+	$(BIN)/mypy
+
+demo: $(STAMP)
+	$(BIN)/python -m ckeys_example.demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+chaos: $(STAMP)
+	$(BIN)/python -m pytest tests/test_chaos.py -m chaos --chaos-runs=10000 -p no:randomly
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
