@@ -1,0 +1,1 @@
+"""An example Celery project using celery_ckeys (see README.md)."""
