@@ -10,6 +10,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlparse
@@ -166,6 +167,8 @@ class Store:
         self._pid = 0
         self._scripts: dict[str, Any] = {}
         self._lock = threading.Lock()
+        #: one script call per hash tag (Redis Cluster); tests force it on a single Redis
+        self.stepwise = config.redis_cluster
 
     # -- connection -----------------------------------------------------------
     @property
@@ -238,7 +241,15 @@ class Store:
     # -- slots ----------------------------------------------------------------
     def acquire(self, slots: Sequence[Slot], owner: str, holder: dict[str, Any], *,
                 primary: int, resume: bool = False) -> AcquireResult:
-        """Take every slot or none. ``primary`` is the 1-based slot that records deferrals."""
+        """Take every slot or none. ``primary`` is the 1-based slot that records deferrals.
+
+        On one Redis this is one script call. Under Redis Cluster (``stepwise``) a script
+        may only touch keys of one hash tag, and a run's slots (a partition, its queue's
+        limit, the namespace-wide environment) have different tags; see
+        :meth:`_acquire_stepwise`.
+        """
+        if self.stepwise:
+            return self._acquire_stepwise(slots, owner, holder, primary=primary, resume=resume)
         keys: list[str] = []
         for slot in slots:
             keys += [slot.key(HOLDERS), slot.key(META), slot.key(DEFERRED), slot.key(RESUMING)]
@@ -267,7 +278,87 @@ class Store:
         return AcquireResult(False, blocked=slots[j - 1], holder=_text(reply[2]),
                              limit=int(reply[3]))
 
+    def _resolve_limits(self, slots: Sequence[Slot]) -> list[tuple[int, int]]:
+        """``(slot index, limit)`` of the slots to take, as ``acquire.lua`` decides them."""
+        used: list[tuple[int, int]] = []
+        for j, slot in enumerate(slots, 1):
+            spec = dict(slot.spec)
+            if spec.get("alt"):
+                continue
+            if "l" in spec:
+                used.append((j, int(spec["l"])))
+                continue
+            assert slot.conf_tag is not None
+            conf = Names.redis_key(slot.conf_tag, CONF)
+            limit: Optional[int]
+            if "s" in spec:
+                self.set_conf_limit(conf, int(spec["s"]))
+                limit = int(spec["s"])
+            else:
+                stored = self.guarded(partial(_hget, key=conf, field="limit"))
+                limit = int(stored) if stored is not None else spec.get("d")
+            cap = spec.get("x")
+            if limit is None or (cap is not None and cap < limit):
+                limit = cap
+            if limit is not None:
+                used.append((j, limit))
+            elif "a" in spec:
+                used.append((int(spec["a"]), 1))
+        return used
+
+    def _acquire_stepwise(self, slots: Sequence[Slot], owner: str, holder: dict[str, Any], *,
+                          primary: int, resume: bool) -> AcquireResult:
+        """Admission in steps, for Redis Cluster: one script call per slot, with compensation.
+
+        Limits are resolved first (reading, or for a trigger-time limit writing, each queue's
+        conf). Then each slot is taken by its own call, most specific first and the
+        environment last; when one is full, the slots taken so far are released before
+        returning, so no partial hold survives the attempt. Between the steps another run
+        may briefly see a slot taken that this run gives back: it is deferred once more,
+        never admitted past a limit. A crash between the steps leaves slots that the
+        worker's main process (pool process died) or the lease frees.
+        """
+        used = self._resolve_limits(slots)
+        if primary and primary not in {j for j, _ in used}:
+            alt = dict(slots[primary - 1].spec).get("a")
+            primary = int(alt) if alt and alt in {j for j, _ in used} else primary
+        taken: list[Slot] = []
+        fence = 0
+        for j, limit in used:
+            slot = slots[j - 1]
+            one = Slot(tag=slot.tag, kind=slot.kind, label=slot.label, spec=(("l", limit),))
+            result = self._acquire_one(one, owner, holder, record=(j == primary), resume=resume)
+            if not result.ok:
+                if taken:
+                    self.release(taken, owner)
+                if j != primary and primary:
+                    # note the deferral where status looks for it (a limit of 0 never admits)
+                    p = slots[primary - 1]
+                    self._acquire_one(Slot(tag=p.tag, kind=p.kind, label=p.label, spec=(("l", 0),)),
+                                      owner, holder, record=True, resume=False)
+                return AcquireResult(False, blocked=slot, holder=result.holder, limit=limit)
+            taken.append(slot)
+            if j == primary or not fence:
+                fence = result.fence
+        return AcquireResult(True, fence=fence, taken=tuple(taken))
+
+    def _acquire_one(self, slot: Slot, owner: str, holder: dict[str, Any], *, record: bool,
+                     resume: bool) -> AcquireResult:
+        keys = [slot.key(HOLDERS), slot.key(META), slot.key(DEFERRED), slot.key(RESUMING)]
+        reply = self.call("acquire", keys, [
+            owner, self.config.lock_ttl_ms, json.dumps(holder, separators=(",", ":")),
+            json.dumps([dict(slot.spec)], separators=(",", ":")), 1 if record else 0,
+            self.config.deferral_memory_ms, "1" if resume else "0",
+        ])
+        if int(reply[0]) == 1:
+            return AcquireResult(True, fence=int(reply[1]), taken=(slot,))
+        return AcquireResult(False, blocked=slot, holder=_text(reply[2]), limit=int(reply[3]))
+
     def release(self, slots: Sequence[Slot], owner: str, *, only: str = "") -> int:
+        if self.stepwise and len(slots) > 1:
+            replies = self.pipeline([("release", _release_keys([slot]), (owner, only))
+                                     for slot in slots])
+            return sum(int(r) for r in replies)
         keys = _release_keys(slots)
         if not keys:
             return 0
@@ -278,13 +369,14 @@ class Store:
         if len(runs) == 1:
             self.release(runs[0][0], runs[0][1])
             return
+        if self.stepwise:
+            self.pipeline([("release", _release_keys([slot]), (owner, ""))
+                           for slots, owner in runs for slot in slots])
+            return
         self.pipeline([("release", _release_keys(slots), (owner, "")) for slots, owner in runs])
 
     def renew(self, slots: Sequence[Slot], owner: str) -> int:
-        keys: list[str] = []
-        for slot in slots:
-            keys += [slot.key(HOLDERS), slot.key(META)]
-        return int(self.call("renew", keys, [owner, self.config.lock_ttl_ms]))
+        return self.renew_many([(slots, owner, HOLDERS)])[0]
 
     def renew_many(self, runs: Sequence[tuple[Sequence[Slot], str, str]]) -> list[int]:
         """Renew several runs in one round trip; each item is ``(slots, owner, role)``.
@@ -293,23 +385,39 @@ class Store:
         ``wait_for`` (whose place in the wait chain must not expire).
         """
         calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        sizes: list[int] = []
         for slots, owner, role in runs:
-            keys: list[str] = []
-            for slot in slots:
-                keys += [slot.key(role), slot.key(META)]
-            calls.append(("renew", keys, (owner, self.config.lock_ttl_ms)))
-        return [int(x) for x in self.pipeline(calls)]
+            groups = [[slot] for slot in slots] if self.stepwise else [list(slots)]
+            sizes.append(len(groups))
+            for group in groups:
+                keys: list[str] = []
+                for slot in group:
+                    keys += [slot.key(role), slot.key(META)]
+                calls.append(("renew", keys, (owner, self.config.lock_ttl_ms)))
+        replies = [int(x) for x in self.pipeline(calls)]
+        counts: list[int] = []
+        for size in sizes:
+            counts.append(sum(replies[:size]))
+            replies = replies[size:]
+        return counts
 
     def queue_limit(self, queue: str) -> Optional[int]:
-        value = self.guarded(lambda c: c.hget(Names.redis_key(self.names.queue(queue), CONF), "limit"))
+        key = Names.redis_key(self.names.queue(queue), CONF)
+        value = self.guarded(partial(_hget, key=key, field="limit"))
         return int(value) if value is not None else None
 
-    def set_queue_limit(self, queue: str, limit: Optional[int]) -> None:
-        key = Names.redis_key(self.names.queue(queue), CONF)
+    def set_conf_limit(self, conf_key: str, limit: Optional[int]) -> None:
         if limit is None:
-            self.guarded(lambda c: c.hdel(key, "limit"))
+            self.guarded(lambda c: c.hdel(conf_key, "limit"))
         else:
-            self.guarded(lambda c: c.hset(key, "limit", limit))
+            self.guarded(lambda c: c.hset(conf_key, "limit", limit))
+
+    def set_queue_limit(self, queue: str, limit: Optional[int]) -> None:
+        self.set_conf_limit(Names.redis_key(self.names.queue(queue), CONF), limit)
+
+
+def _hget(client: Any, *, key: str, field: str) -> Any:
+    return client.hget(key, field)
 
 
 def _release_keys(slots: Sequence[Slot]) -> list[str]:

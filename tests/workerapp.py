@@ -123,6 +123,10 @@ def register(app: Celery, probe: Probe) -> None:
     def one_at_a_time(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:
         return body(self, labels, duration)
 
+    @task(bind=True, base=KeyedTask, name="ckt.limited3", concurrency_limit=3)
+    def limited3(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:
+        return body(self, labels, duration)
+
     shared = ConcurrencyQueue("shared", limit=2)
 
     @task(bind=True, base=KeyedTask, name="ckt.shared_a", concurrency_queue=shared)
@@ -134,9 +138,7 @@ def register(app: Celery, probe: Probe) -> None:
         return body(self, labels, duration)
 
     # -- end paths ------------------------------------------------------------
-    @task(bind=True, base=KeyedTask, name="ckt.end", max_retries=1, default_retry_delay=0.2,
-              soft_time_limit=30)
-    def end(self: Any, how: str, labels: list[str]) -> Any:
+    def end_body(self: Any, how: str, labels: list[str]) -> Any:
         with probe.running(labels, self.request.id):
             probe.note(ev="body", id=self.request.id, how=how, retries=self.request.retries,
                        pid=os.getpid())
@@ -161,6 +163,14 @@ def register(app: Celery, probe: Probe) -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(30)
         raise ValueError(how)
+
+    @task(bind=True, base=KeyedTask, name="ckt.end", max_retries=1, default_retry_delay=0.2)
+    def end(self: Any, how: str, labels: list[str]) -> Any:
+        return end_body(self, how, labels)
+
+    @task(bind=True, base=KeyedTask, name="ckt.end_limited", concurrency_limit=2, max_retries=1)
+    def end_limited(self: Any, how: str, labels: list[str]) -> Any:
+        return end_body(self, how, labels)
 
     @task(bind=True, base=KeyedTask, name="ckt.soft_limit", soft_time_limit=0.5)
     def soft_limit(self: Any, labels: list[str]) -> str:

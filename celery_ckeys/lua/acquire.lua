@@ -2,7 +2,9 @@
 --
 -- KEYS, four per slot j = 1..n, in this order:
 --   KEYS[4j-3]  holders   ZSET  owner -> lease expiry (ms, server time)
---   KEYS[4j-2]  meta      HASH  owner -> holder JSON; "?"..owner -> deferral JSON; "#f" -> last fence
+--   KEYS[4j-2]  meta      HASH  owner -> holder JSON; "?"..owner -> deferral JSON (first and last
+--                                deferral, count, the full slot's holders key, one holder of it);
+--                                "#f" -> last fence
 --   KEYS[4j-1]  deferred  ZSET  owner -> time of its last deferral (ms)
 --   KEYS[4j]    resuming  ZSET  owner -> when it asked to resume (ms); resuming runs go first
 -- then the conf HASHes that specs point at (KEYS[4n+1..]).
@@ -128,7 +130,7 @@ for _, j in ipairs(used) do
       redis.call("ZREMRANGEBYSCORE", pd, "-inf", now - memory)
       redis.call("ZADD", pd, now, owner)
       redis.call("HSET", pm, "?" .. owner, cjson.encode({
-        first = first, at = now, n = times + 1, slot = j, holder = holder, limit = limits[j],
+        first = first, at = now, n = times + 1, blocked = h, holder = holder, limit = limits[j],
         info = holder_json,
       }))
       extend(pd, memory)
