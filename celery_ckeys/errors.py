@@ -62,7 +62,9 @@ class CoordinationUnavailable(CkeysError):
 class RecursiveWaitDeadlock(CkeysError):
     """A wait on the run's own queue or partition deeper than its limit allows."""
 
-    def __init__(self, message: str, *, queue: str, limit: int, depth: int, **context: Any) -> None:
+    def __init__(self, message: str, *, queue: Optional[str] = None, limit: Optional[int] = None,
+                 depth: Optional[int] = None, **context: Any) -> None:
+        # optional, so that result backends can rebuild it from the message alone
         super().__init__(message, queue=queue, limit=limit, depth=depth, **context)
 
 

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 from typing import Any, NoReturn, Optional
 
 from celery.exceptions import Ignore, Reject
@@ -39,7 +40,9 @@ from .publish import (
     HEADER_DEFERRALS,
     HEADER_KEY,
     HEADER_QUEUE,
+    HEADER_RESUME,
     HEADER_TAGS,
+    HEADER_WAIT_CHAIN,
     default_key,
 )
 from .queues import ConcurrencyQueue, coerce_queue
@@ -50,8 +53,20 @@ acquire_log = logging.getLogger("celery_ckeys.acquire")
 defer_log = logging.getLogger("celery_ckeys.defer")
 release_log = logging.getLogger("celery_ckeys.release")
 
-# Holdings of runs executing in this process, by task id (used by wait_for).
-_active: dict[str, tuple[Holding, Plan]] = {}
+@dataclass
+class ActiveRun:
+    """A run executing in this process: what it holds and how to take it again (wait_for)."""
+
+    holding: Holding
+    plan: Plan
+    holder: dict[str, Any]
+
+
+_active: dict[str, ActiveRun] = {}
+
+
+def active_run(task_id: str) -> Optional[ActiveRun]:
+    return _active.get(task_id)
 
 
 def headers_of(request: Any) -> dict[str, Any]:
@@ -60,7 +75,8 @@ def headers_of(request: Any) -> dict[str, Any]:
     if isinstance(headers, dict):
         return headers
     found: dict[str, Any] = {}
-    for name in (HEADER_KEY, HEADER_QUEUE, HEADER_TAGS, HEADER_DEFERRALS):
+    for name in (HEADER_KEY, HEADER_QUEUE, HEADER_TAGS, HEADER_DEFERRALS, HEADER_WAIT_CHAIN,
+                 HEADER_RESUME):
         value = getattr(request, name, None)
         if value is not None:
             found[name] = value
@@ -132,15 +148,41 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Execute ``task``'s body under its slots (see the module docstring)."""
     request = task.request
     _, store, plan = plan_of(task, request, args, kwargs)
-    if plan is None:
-        return task.run(*args, **kwargs)
     headers = headers_of(request)
+    if plan is None:
+        try:
+            return task.run(*args, **kwargs)
+        finally:
+            _parent_may_resume(store, headers)
     holder = holder_record(task, request, tags_of(headers))
-    holding = acquire(task, request, store, plan, holder)
+    acquire(task, request, store, plan, holder)
     try:
         return task.run(*args, **kwargs)
     finally:
-        release(task, holding, reason="finished")
+        active = _active.get(request.id)
+        if active is not None:
+            release(task, active.holding, reason="finished")
+        _parent_may_resume(store, headers)
+
+
+def _parent_may_resume(store: Store, headers: dict[str, Any]) -> None:
+    """A child its parent waits on has ended: put the parent first in line for its slots.
+
+    This runs before Celery stores the child's result, so by the time the parent can see
+    the result its place ahead of runs that have not started is already taken.
+    """
+    resume = headers.get(HEADER_RESUME)
+    if not isinstance(resume, dict):
+        return
+    owner, tags = resume.get("owner"), resume.get("tags")
+    if not isinstance(owner, str) or not isinstance(tags, list) or not tags:
+        return
+    names = store.names
+    own = [t for t in tags if isinstance(t, str) and t.startswith(names.ns + "|")]
+    try:
+        store.wait_op("ready", own, owner)
+    except CoordinationUnavailable as exc:
+        release_log.warning("could not mark parent %s ready to resume: %s", owner, describe(exc))
 
 
 def acquire(task: Any, request: Any, store: Store, plan: Plan, holder: dict[str, Any], *,
@@ -154,15 +196,16 @@ def acquire(task: Any, request: Any, store: Store, plan: Plan, holder: dict[str,
               reason="unavailable")
     if not result.ok:
         on_blocked(task, request, store.config, result)
-    return hold(task, request, store, plan, result)
+    return hold(task, request, store, plan, result, holder)
 
 
-def hold(task: Any, request: Any, store: Store, plan: Plan, result: AcquireResult) -> Holding:
+def hold(task: Any, request: Any, store: Store, plan: Plan, result: AcquireResult,
+         holder: dict[str, Any]) -> Holding:
     holding = Holding(store=store, owner=request.id, task_name=task.name, slots=result.taken,
                       fence=result.fence)
     if holding.slots:
         heartbeat.add(holding)
-    _active[request.id] = (holding, plan)
+    _active[request.id] = ActiveRun(holding, plan, holder)
     request.ckeys_fence = result.fence
     request.ckeys_slots = [slot.label for slot in result.taken]
     if acquire_log.isEnabledFor(logging.DEBUG):

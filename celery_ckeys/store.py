@@ -401,6 +401,21 @@ class Store:
             replies = replies[size:]
         return counts
 
+    def wait_op(self, op: str, tags: Sequence[str], owner: str) -> int:
+        """``wait.lua``: ``step-out``, ``ready`` or ``leave`` for the slots named by ``tags``."""
+        groups = [[tag] for tag in tags] if self.stepwise else [list(tags)]
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        for group in groups:
+            keys = [Names.redis_key(tag, role) for tag in group
+                    for role in (HOLDERS, WAITING, RESUMING, WAKE, META)]
+            if keys:
+                calls.append(("wait", keys, (op, owner, self.config.lock_ttl_ms)))
+        if not calls:
+            return 0
+        if len(calls) == 1:
+            return int(self.call(*calls[0]))
+        return sum(int(r) for r in self.pipeline(calls))
+
     def queue_limit(self, queue: str) -> Optional[int]:
         key = Names.redis_key(self.names.queue(queue), CONF)
         value = self.guarded(partial(_hget, key=key, field="limit"))

@@ -10,9 +10,12 @@ Settings you chose yourself are kept; a conflicting one is logged.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
-from celery.signals import celeryd_init
+from celery.signals import celeryd_init, worker_ready, worker_shutdown
+
+from .naming import Names
 
 logger = logging.getLogger("celery_ckeys.worker")
 
@@ -62,3 +65,69 @@ def _tune_worker(sender: Any = None, instance: Any = None, conf: Any = None, **_
     if "worker_eta_task_limit" in conf and conf.get("worker_eta_task_limit") is None \
             and config.eta_task_limit is not None:
         conf.worker_eta_task_limit = config.eta_task_limit
+
+
+# -- the worker registry, for wait_for's starvation check ------------------------------
+#
+# Each worker's main process lists itself in Redis: the broker queues it consumes and how
+# many processes (or threads) it runs, refreshed every few seconds with an expiry, so
+# that a run blocked in wait_for can tell when every process that could run its child is
+# itself blocked.
+
+REGISTRY_REFRESH = 5.0
+REGISTRY_LIFETIME_MS = 20_000
+
+_registry_threads: dict[str, threading.Event] = {}
+
+
+def _worker_info(consumer: Any) -> dict[str, Any]:
+    queues = [q.name for q in getattr(consumer.task_consumer, "queues", [])] \
+        if getattr(consumer, "task_consumer", None) is not None else []
+    pool = getattr(consumer, "pool", None)
+    concurrency = getattr(pool, "num_processes", None) or getattr(consumer.controller, "concurrency", 1)
+    return {"queues": queues, "concurrency": int(concurrency or 1), "pool": type(pool).__name__}
+
+
+def _register(store: Any, hostname: str, info: dict[str, Any]) -> None:
+    import json
+
+    key = Names.redis_key(store.names.workers(), "reg")
+    script = ("local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000);"
+              " local info = cjson.decode(ARGV[2]); info['expires'] = now + tonumber(ARGV[3]);"
+              " redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(info));"
+              " redis.call('PEXPIRE', KEYS[1], ARGV[3])")
+    store.guarded(lambda c: c.eval(script, 1, key, hostname, json.dumps(info), REGISTRY_LIFETIME_MS))
+
+
+@worker_ready.connect(weak=False, dispatch_uid="celery_ckeys.worker_registry")
+def _start_registry(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is None or not _has_keyed_tasks(app):
+        return
+    from .config import get_config
+    from .errors import CoordinationUnavailable
+    from .store import store_for
+
+    store = store_for(get_config(app))
+    hostname = sender.hostname
+    stop = threading.Event()
+    _registry_threads[hostname] = stop
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                _register(store, hostname, _worker_info(sender))
+            except CoordinationUnavailable:
+                pass
+            except Exception:  # pragma: no cover - never kill the worker for this
+                logger.exception("celery_ckeys: worker registry refresh failed")
+            stop.wait(REGISTRY_REFRESH)
+
+    threading.Thread(target=loop, name="ckeys-registry", daemon=True).start()
+
+
+@worker_shutdown.connect(weak=False, dispatch_uid="celery_ckeys.worker_registry_stop")
+def _stop_registry(sender: Any = None, **_: Any) -> None:
+    for hostname, stop in list(_registry_threads.items()):
+        stop.set()
+        _registry_threads.pop(hostname, None)

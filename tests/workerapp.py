@@ -214,6 +214,16 @@ def register(app: Celery, probe: Probe) -> None:
             raise KeyError("child failed")
         return {"id": self.request.id, "slots": getattr(self.request, "ckeys_slots", None)}
 
+    @task(bind=True, base=KeyedTask, name="ckt.guard_check")
+    def guard_check(self: Any, labels: list[str]) -> dict[str, Any]:
+        value = self.wait_for(child.s(labels, 0.1))
+        try:
+            child.delay(labels, 0.0).get(timeout=10)
+            guard = "lifted"
+        except RuntimeError as exc:
+            guard = str(exc)
+        return {"value": value, "guard": guard}
+
     @task(name="ckt.free_waiter")
     def free_waiter(labels: list[str], child_labels: list[str]) -> Any:
         return wait_for(child.s(child_labels, 0.2))
