@@ -1,15 +1,297 @@
-"""``celery -A proj ckeys``: operate celery_ckeys from the command line."""
+"""``celery -A proj ckeys``: operate celery_ckeys from the command line.
+
+::
+
+    celery -A proj ckeys status [--tag TAG] [--all] [--json]
+    celery -A proj ckeys explain TASK_ID [--json]
+    celery -A proj ckeys release KEY [--yes]
+    celery -A proj ckeys release --queue QUEUE [--key KEY] [--yes]
+    celery -A proj ckeys limits get [QUEUE ...] [--json]
+    celery -A proj ckeys limits set QUEUE LIMIT
+    celery -A proj ckeys limits set QUEUE --clear
+
+Tables for people by default, ``--json`` for scripts. Registered through the
+``celery.commands`` entry point, so ``celery`` finds it once the package is installed.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Optional
 
 import click
-from celery.bin.base import handle_preload_options
+from celery.bin.base import CeleryCommand, handle_preload_options
+
+from . import introspect
+from .config import get_config
+from .errors import CkeysError
+from .introspect import SlotStatus, declared_limits, effective_limit
+from .naming import CONF, HOLDERS, Names, parse_tag
+from .redaction import redact
+from .store import Store, store_for
+from .validation import check_key, check_limit, check_queue_name
 
 
-@click.group(name="ckeys", cls=click.Group)
+def _app(ctx: click.Context) -> Any:
+    return ctx.obj.app
+
+
+def _store(ctx: click.Context) -> Store:
+    return store_for(get_config(_app(ctx)))
+
+
+def _age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds / 3600:.0f}h{seconds % 3600 / 60:02.0f}m"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fail(exc: BaseException) -> None:
+    raise click.ClickException(redact(str(exc)))
+
+
+@click.group(name="ckeys")
 @click.pass_context
 @handle_preload_options
-def ckeys(ctx: Any) -> None:
+def ckeys(ctx: click.Context, **_: Any) -> None:
     """Inspect and operate concurrency keys, queues and limits."""
+
+
+@ckeys.command(cls=CeleryCommand)
+@click.option("--tag", help="only slots where a run carries this tag")
+@click.option("--all", "show_all", is_flag=True, help="also list idle queues with a recorded limit")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def status(ctx: click.Context, tag: Optional[str], show_all: bool, as_json: bool) -> None:
+    """Each queue, partition and key in use: limit, holders, waiting and deferred runs."""
+    try:
+        slots = _status(ctx, tag, show_all)
+    except CkeysError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in slots], indent=2))
+        return
+    config = get_config(_app(ctx))
+    click.echo(f"namespace {config.namespace} on {config.safe_url()}")
+    if not slots:
+        click.echo("nothing holds, waits or is deferred")
+        return
+    rows = [["SLOT", "LIMIT", "RUNNING", "WAITING", "DEFERRED", "OLDEST WAIT"]]
+    for s in slots:
+        rows.append([s.label, "-" if s.limit is None else str(s.limit), str(len(s.holders)),
+                     str(len(s.waiting)), str(s.deferred_count), _age(s.oldest_wait_seconds)])
+    click.echo(_table(rows))
+    holders = [(s, h) for s in slots for h in s.holders]
+    if holders:
+        click.echo("")
+        rows = [["SLOT", "TASK ID", "TASK", "AGE", "WORKER", "TAGS"]]
+        for s, h in holders:
+            rows.append([s.label, h.task_id, h.task_name, _age(h.held_seconds),
+                         f"{h.worker} (pid {h.pid})" if h.pid else h.worker, ",".join(h.tags)])
+        click.echo(_table(rows))
+
+
+def _status(ctx: click.Context, tag: Optional[str], show_all: bool) -> list[SlotStatus]:
+    return introspect.status(_app(ctx), tag=tag, include_idle=show_all)
+
+
+@ckeys.command(name="explain", cls=CeleryCommand)
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def explain_cmd(ctx: click.Context, task_id: str, as_json: bool) -> None:
+    """Why a run is not running: which slot blocks it and who holds that slot."""
+    try:
+        why = introspect.explain(_app(ctx), task_id)
+    except CkeysError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(why.as_dict(), indent=2))
+        return
+    click.echo(f"{task_id}: {why.state}")
+    click.echo(f"  {why.detail}")
+    for h in why.holders:
+        click.echo(f"  holder {h.task_id} {h.task_name} for {_age(h.held_seconds)} on {h.worker}")
+
+
+@ckeys.command(cls=CeleryCommand)
+@click.argument("key", required=False)
+@click.option("--queue", help="release the holders of this queue (and of all its partitions)")
+@click.option("--key", "partition_key", help="with --queue: only this key's partition")
+@click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def release(ctx: click.Context, key: Optional[str], queue: Optional[str],
+            partition_key: Optional[str], yes: bool, as_json: bool) -> None:
+    """Force-release a key, a queue or a partition (for administrators).
+
+    The runs holding them keep executing; they are told their lease is lost when they
+    next renew it. Use this to unstick slots whose holder you know is gone.
+    """
+    store = _store(ctx)
+    names = store.names
+    try:
+        if (key is None) == (queue is None):
+            raise click.UsageError("give either KEY or --queue QUEUE")
+        if key is not None:
+            tags = [names.key(check_key(key))]
+        else:
+            assert queue is not None
+            check_queue_name(queue)
+            if partition_key is not None:
+                tags = [names.partition(queue, check_key(partition_key))]
+            else:
+                tags = [names.queue(queue), *_partitions_of(store, queue)]
+        held = {t: _holders_of(store, t) for t in tags}
+    except CkeysError as exc:
+        _fail(exc)
+        return
+    owners = [(t, o) for t, os_ in held.items() for o in os_]
+    if not owners:
+        if as_json:
+            click.echo(json.dumps({"released": []}))
+        else:
+            click.echo("nothing to release: no run holds it")
+        return
+    if not yes:
+        listing = "\n".join(f"  {_label(t)}: {o}" for t, o in owners)
+        click.confirm(f"Force-release {len(owners)} slot(s)?\n{listing}\n", abort=True)
+    from .store import Slot
+
+    released = []
+    for t, owner in owners:
+        slot = Slot(tag=t, kind="", label=_label(t), spec=())
+        if store.release([slot], owner):
+            released.append({"slot": slot.label, "task_id": owner})
+    if as_json:
+        click.echo(json.dumps({"released": released}))
+    else:
+        for item in released:
+            click.echo(f"released {item['slot']} held by {item['task_id']}")
+
+
+def _holders_of(store: Store, tag: str) -> list[str]:
+    key = Names.redis_key(tag, HOLDERS)
+    raw: list[Any] = store.guarded(lambda c: c.zrange(key, 0, -1))
+    return [_text(owner) for owner in raw]
+
+
+def _partitions_of(store: Store, queue: str) -> list[str]:
+    from .naming import enc
+
+    pattern = f"ckeys:{{{store.names.ns}|p|{enc(queue)}|*}}:{HOLDERS}"
+    found = store.guarded(lambda c: [_text(k) for k in c.scan_iter(match=pattern, count=1000)])
+    tags = []
+    for raw in found:
+        parsed = store.names.parse(raw)
+        if parsed is not None and parsed[0].queue is not None and parsed[0].key is not None:
+            tags.append(store.names.partition(parsed[0].queue, parsed[0].key))
+    return sorted(set(tags))
+
+
+def _label(tag: str) -> str:
+    parsed = parse_tag(tag)
+    return parsed.label if parsed else tag
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@ckeys.group()
+def limits() -> None:
+    """Read or set queue limits (kept centrally in Redis)."""
+
+
+@limits.command(name="get", cls=CeleryCommand)
+@click.argument("queues", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def limits_get(ctx: click.Context, queues: tuple[str, ...], as_json: bool) -> None:
+    """The limit of each queue: recorded, declared in code, and the one that applies."""
+    app = _app(ctx)
+    store = _store(ctx)
+    config = store.config
+    declared = declared_limits(app)
+    try:
+        recorded = _recorded_limits(store)
+        names = list(queues) or sorted(set(declared) | set(recorded))
+        rows_data: list[dict[str, Any]] = []
+        for name in names:
+            check_queue_name(name)
+            rec = recorded.get(name)
+            rows_data.append({"queue": name, "recorded": rec, "declared": declared.get(name),
+                              "effective": effective_limit(config, rec, declared.get(name))})
+    except CkeysError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps({"environment_limit": config.environment_limit,
+                               "burst_limit": config.environment_burst_limit, "queues": rows_data},
+                              indent=2))
+        return
+    click.echo(f"environment limit: {config.environment_limit or 'none'}"
+               f" (burst to {config.environment_burst_limit or 'unbounded'})")
+    if not rows_data:
+        click.echo("no queue has a limit")
+        return
+    rows = [["QUEUE", "RECORDED", "DECLARED", "APPLIES"]]
+    for r in rows_data:
+        rows.append([r["queue"], _opt(r["recorded"]), _opt(r["declared"]), _opt(r["effective"])])
+    click.echo(_table(rows))
+
+
+def _opt(value: Optional[int]) -> str:
+    return "-" if value is None else str(value)
+
+
+def _recorded_limits(store: Store) -> dict[str, int]:
+    pattern = store.names.scan_pattern(CONF)
+
+    def _do(client: Any) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for raw in client.scan_iter(match=pattern, count=1000):
+            parsed = store.names.parse(_text(raw))
+            if parsed is None or parsed[0].queue is None:
+                continue
+            value = client.hget(raw, "limit")
+            if value is not None:
+                found[parsed[0].queue] = int(value)
+        return found
+
+    result: dict[str, int] = store.guarded(_do)
+    return result
+
+
+@limits.command(name="set", cls=CeleryCommand)
+@click.argument("queue")
+@click.argument("limit", type=int, required=False)
+@click.option("--clear", is_flag=True, help="forget the recorded limit (the declared one applies)")
+@click.pass_context
+def limits_set(ctx: click.Context, queue: str, limit: Optional[int], clear: bool) -> None:
+    """Record QUEUE's limit; it applies to runs that start from now on."""
+    store = _store(ctx)
+    try:
+        check_queue_name(queue)
+        if clear == (limit is not None):
+            raise click.UsageError("give either LIMIT or --clear")
+        if limit is not None:
+            check_limit(limit)
+        store.set_queue_limit(queue, limit)
+    except CkeysError as exc:
+        _fail(exc)
+        return
+    click.echo(f"queue {queue}: limit {'cleared' if clear else limit}")

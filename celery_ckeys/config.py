@@ -37,6 +37,7 @@ class CkeysConfig:
     socket_timeout: float = 5.0
     wait_poll_interval: float = 0.25
     starvation_grace: float = 3.0
+    metrics: bool = False
 
     @property
     def environment_burst_limit(self) -> Optional[int]:
@@ -185,4 +186,5 @@ def from_conf(conf: Mapping[str, Any], *, default_namespace: str) -> CkeysConfig
         socket_timeout=_number(conf, "ckeys_socket_timeout", 5.0, minimum=0, strict=True),
         wait_poll_interval=_number(conf, "ckeys_wait_poll_interval", 0.25, minimum=0, strict=True),
         starvation_grace=_number(conf, "ckeys_starvation_grace", 3.0, minimum=0),
+        metrics=_bool(conf, "ckeys_metrics", False),
     )

@@ -38,6 +38,7 @@ from .errors import (
 from .heartbeat import Holding, heartbeat
 from .publish import (
     HEADER_DEFERRALS,
+    HEADER_FIRST_DEFERRED,
     HEADER_KEY,
     HEADER_QUEUE,
     HEADER_RESUME,
@@ -212,8 +213,10 @@ def hold(task: Any, request: Any, store: Store, plan: Plan, result: AcquireResul
         acquire_log.debug("run %s of %s acquired %s (fence %d)", request.id, task.name,
                           ", ".join(s.label for s in result.taken), result.fence)
     if signals.slots_acquired.receivers:
-        signals.slots_acquired.send(sender=task, task_id=request.id,
-                                    slots=request.ckeys_slots, fence=result.fence)
+        first = headers_of(request).get(HEADER_FIRST_DEFERRED)
+        waited = max(0.0, time.time() - float(first)) if isinstance(first, (int, float)) else 0.0
+        signals.slots_acquired.send(sender=task, task_id=request.id, slots=request.ckeys_slots,
+                                    fence=result.fence, waited=round(waited, 3))
     return holding
 
 
@@ -250,6 +253,7 @@ def defer(task: Any, request: Any, config: CkeysConfig, *, blocked_by: str, hold
     countdown = countdown_for(config)
     headers = dict(headers_of(request))
     headers[HEADER_DEFERRALS] = int(headers.get(HEADER_DEFERRALS) or 0) + 1
+    headers.setdefault(HEADER_FIRST_DEFERRED, round(time.time(), 3))
     signature = task.signature_from_request(request, countdown=countdown,
                                             retries=request.retries, headers=headers)
     try:

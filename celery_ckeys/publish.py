@@ -19,6 +19,7 @@ HEADER_KEY = "concurrency_key"
 HEADER_QUEUE = "concurrency_queue"
 HEADER_TAGS = "ckeys_tags"
 HEADER_DEFERRALS = "ckeys_deferrals"
+HEADER_FIRST_DEFERRED = "ckeys_first_deferred"
 HEADER_WAIT_CHAIN = "ckeys_wait_chain"
 HEADER_RESUME = "ckeys_resume"
 

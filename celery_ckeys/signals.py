@@ -7,9 +7,10 @@ Custom signals (connect to them as to any Celery signal)::
     @run_deferred.connect
     def on_deferred(sender, task_id, blocked_by, holder, countdown, **kw): ...
 
-``slots_acquired``  sender=task; ``task_id``, ``slots`` (labels), ``fence``
+``slots_acquired``  sender=task; ``task_id``, ``slots`` (labels), ``fence``, ``waited``
     A run took every slot it needs (a key, a queue or partition slot, the environment)
-    and its body is about to run. ``key_acquired`` is the same signal.
+    and its body is about to run; ``waited`` is the seconds since its first deferral (0
+    when it was never deferred). ``key_acquired`` is the same signal.
 ``run_deferred``    sender=task; ``task_id``, ``blocked_by`` (label of the full slot),
     ``holder`` (task id of a run holding it, or ``""``), ``countdown`` (seconds, or
     ``None`` when parked), ``reason`` (``"busy"`` or ``"unavailable"``)
@@ -17,6 +18,12 @@ Custom signals (connect to them as to any Celery signal)::
 ``slots_released``  sender=task or ``None``; ``task_id``, ``slots`` (labels), ``reason``
     (``"finished"``, ``"waiting"`` or ``"worker-lost"``)
     A run's slots were given back.
+``wait_finished``   sender=task; ``task_id``, ``child_id``, ``seconds``, ``outcome``
+    (``"done"``, ``"timeout"`` or ``"starved"``)
+    A run stopped blocking in ``wait_for`` (it then takes its slots back).
+
+Receivers run in the process where the event happens: the pool process for all but
+``slots_released`` with reason ``"worker-lost"``, which the worker's main process sends.
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ from celery.signals import before_task_publish
 from celery.utils.dispatch import Signal
 
 slots_acquired = Signal(name="ckeys_slots_acquired",
-                        providing_args={"task_id", "slots", "fence"})
+                        providing_args={"task_id", "slots", "fence", "waited"})
 key_acquired = slots_acquired
 run_deferred = Signal(name="ckeys_run_deferred",
                       providing_args={"task_id", "blocked_by", "holder", "countdown", "reason"})
 slots_released = Signal(name="ckeys_slots_released",
                         providing_args={"task_id", "slots", "reason"})
+wait_finished = Signal(name="ckeys_wait_finished",
+                       providing_args={"task_id", "child_id", "seconds", "outcome"})
 
 # Options that may arrive as message properties (``app.send_task(name, concurrency_key=K)``
 # bypasses the task class) and must travel as headers for the worker to see them.

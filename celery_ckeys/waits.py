@@ -91,6 +91,7 @@ class _Wait:
         waiting = self.step_out(tags)
         error: Optional[BaseException] = None
         result = self.target
+        started = time.monotonic()
         try:
             if signature is not None:
                 result = signature.apply_async(**self.child_options(signature, tags))
@@ -98,6 +99,13 @@ class _Wait:
         except (CeleryTimeoutError, WaitStarvation) as exc:
             error = exc
         finally:
+            if signals.wait_finished.receivers:
+                outcome = "done" if error is None else (
+                    "timeout" if isinstance(error, CeleryTimeoutError) else "starved")
+                signals.wait_finished.send(sender=self.task, task_id=self.request.id,
+                                           child_id=getattr(result, "id", None),
+                                           seconds=round(time.monotonic() - started, 3),
+                                           outcome=outcome)
             self.resume(tags, waiting)
         if error is not None:
             raise error

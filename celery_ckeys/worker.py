@@ -47,6 +47,10 @@ def _tune_worker(sender: Any = None, instance: Any = None, conf: Any = None, **_
 
     try:
         config = get_config(app)  # every ckeys_* setting is checked before the worker starts
+        if config.metrics:
+            from .metrics import enable
+
+            enable()
     except ConfigurationError as exc:
         logger.critical("celery_ckeys: %s", exc)
         # SystemExit passes through Celery's signal dispatch; an Exception would be swallowed

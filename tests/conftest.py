@@ -58,13 +58,15 @@ class Workers:
     """A group of ``celery worker`` subprocesses serving one test's app."""
 
     def __init__(self, env: Env, count: int, concurrency: int, pool: str,
-                 conf: dict[str, Any], extra_args: list[str]) -> None:
+                 conf: dict[str, Any], extra_args: list[str],
+                 extra_env: Optional[dict[str, str]] = None) -> None:
         self.env = env
         self.names: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
         environ = dict(os.environ)
         environ.update(env.worker_environ(conf))
+        environ.update(extra_env or {})
         for i in range(count):
             name = f"w{i}-{uuid.uuid4().hex[:6]}@ckt"
             log = env.tmp / f"{name.split('@')[0]}.log"
@@ -157,8 +159,9 @@ class Env:
         return app
 
     def workers(self, count: int = 2, concurrency: int = 4, pool: str = "prefork",
-                extra_args: Optional[list[str]] = None, **conf: Any) -> Workers:
-        group = Workers(self, count, concurrency, pool, conf, extra_args or [])
+                extra_args: Optional[list[str]] = None, extra_env: Optional[dict[str, str]] = None,
+                **conf: Any) -> Workers:
+        group = Workers(self, count, concurrency, pool, conf, extra_args or [], extra_env)
         self.groups.append(group)
         return group
 

@@ -158,3 +158,19 @@ def test_bad_limits_raise_value_error(bad: object) -> None:
 def test_wait_until_helper_fails_loudly() -> None:
     with pytest.raises(AssertionError, match="timed out"):
         wait_until(lambda: False, 0.1, message="nothing")
+
+
+@pytest.mark.parametrize("bad", [["t"] * 11, ["x" * 129], [""], "not-a-list", [1], ("ok", None)])
+def test_bad_tags_raise_before_anything_is_published(env: Env, bad: object) -> None:
+    from celery_ckeys import InvalidTags
+
+    work = env.app().tasks["ckt.work"]
+    with pytest.raises(InvalidTags):
+        work.apply_async((["v"],), tags=bad)
+    assert env.broker_length() == 0
+
+
+def test_ten_tags_of_128_characters_are_fine(env: Env) -> None:
+    work = env.app().tasks["ckt.work"]
+    work.apply_async((["v"],), tags=[f"{i}" * 128 for i in range(10)])
+    assert env.broker_length() == 1

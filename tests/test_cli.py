@@ -1,0 +1,125 @@
+"""``celery -A proj ckeys``: the real CLI, run as a subprocess against live workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from conftest import TESTS, Env, wait_until
+
+
+def ckeys(env: Env, *args: str, input: str | None = None,
+          check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "celery", "-A", "workerapp", "ckeys", *args],
+                          cwd=str(TESTS), env={**os.environ, **env.worker_environ({})},
+                          capture_output=True, text=True, input=input, timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def status_json(env: Env, *args: str) -> list[dict[str, Any]]:
+    return json.loads(ckeys(env, "status", "--json", *args).stdout)
+
+
+def by_label(slots: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    (slot,) = [s for s in slots if s["label"] == label]
+    return slot
+
+
+def test_status_shows_holders_and_deferred_runs_as_they_are(env: Env) -> None:
+    env.workers(count=2, concurrency=4)
+    work = env.app().tasks["ckt.work"]
+    paid = {"name": "paid-users", "limit": 2}
+    holders = [work.apply_async((["x"], 4.0), concurrency_queue=paid, concurrency_key="alice",
+                                tags=["plan:paid"]) for _ in range(2)]
+    wait_until(lambda: len(env.holders(env.names.partition("paid-users", "alice"))) == 2, 30,
+               message="two holders")
+    waiting = work.apply_async((["x"], 0.0), concurrency_queue=paid, concurrency_key="alice")
+    wait_until(lambda: by_label(status_json(env), "queue paid-users [alice]")["deferred_count"] == 1,
+               30, message="the deferred run in status")
+    slot = by_label(status_json(env), "queue paid-users [alice]")
+    assert slot["limit"] == 2
+    assert {h["task_id"] for h in slot["holders"]} == {h.id for h in holders}
+    assert all(h["worker"].endswith("@ckt") and h["tags"] == ["plan:paid"] for h in slot["holders"])
+    assert slot["deferred"][0]["task_id"] == waiting.id and slot["oldest_wait_seconds"] >= 0
+    table = ckeys(env, "status").stdout
+    assert "queue paid-users [alice]" in table and holders[0].id in table and "plan:paid" in table
+    assert [s["label"] for s in status_json(env, "--tag", "plan:paid")] == ["queue paid-users [alice]"]
+    assert status_json(env, "--tag", "plan:none") == []
+    # explain names the blocking slot and its holders
+    why = json.loads(ckeys(env, "explain", waiting.id, "--json").stdout)
+    assert why["state"] == "deferred" and why["blocked_by"] == "queue paid-users [alice]"
+    assert {h["task_id"] for h in why["holders"]} == {h.id for h in holders}
+    assert "is full, held by" in ckeys(env, "explain", waiting.id).stdout
+    running = json.loads(ckeys(env, "explain", holders[0].id, "--json").stdout)
+    assert running["state"] == "running"
+    waiting.get(timeout=60)
+
+
+def test_release_asks_first_and_frees_a_stuck_key(env: Env) -> None:
+    # a stuck holder: taken straight in Redis, as if its worker host had vanished
+    from celery_ckeys.admission import RunSpec, plan_for
+    from celery_ckeys.config import get_config
+    from celery_ckeys.store import store_for
+
+    app = env.app()
+    store = store_for(get_config(app))
+    plan = plan_for(store.config, store.names, RunSpec(task_name="t", key="stuck"))
+    assert plan is not None
+    assert store.acquire(plan.slots, "ghost", {"t": "t", "w": "gone", "p": 1, "s": 0}, primary=1).ok
+    refused = ckeys(env, "release", "stuck", input="n\n", check=False)
+    assert refused.returncode != 0 and "Force-release 1 slot(s)?" in refused.stdout
+    assert env.holders(env.names.key("stuck")) == ["ghost"]
+    done = ckeys(env, "release", "stuck", input="y\n")
+    assert "released key stuck held by ghost" in done.stdout
+    assert env.holders(env.names.key("stuck")) == []
+    assert "nothing to release" in ckeys(env, "release", "stuck", "--yes").stdout
+
+
+def test_release_a_queue_and_its_partitions(env: Env) -> None:
+    from celery_ckeys.admission import RunSpec, plan_for
+    from celery_ckeys.config import get_config
+    from celery_ckeys.queues import ConcurrencyQueue
+    from celery_ckeys.store import store_for
+
+    store = store_for(get_config(env.app()))
+    holder = {"t": "t", "w": "gone", "p": 1, "s": 0}
+    for run, owner in ((RunSpec("t", queue=ConcurrencyQueue("q", 2)), "o1"),
+                       (RunSpec("t", queue=ConcurrencyQueue("q", 2), key="a"), "o2"),
+                       (RunSpec("t", queue=ConcurrencyQueue("q", 2), key="b"), "o3")):
+        plan = plan_for(store.config, store.names, run)
+        assert plan is not None and store.acquire(plan.slots, owner, holder, primary=1).ok
+    out = json.loads(ckeys(env, "release", "--queue", "q", "--key", "a", "--yes", "--json").stdout)
+    assert out["released"] == [{"slot": "queue q [a]", "task_id": "o2"}]
+    out = json.loads(ckeys(env, "release", "--queue", "q", "--yes", "--json").stdout)
+    assert sorted(r["task_id"] for r in out["released"]) == ["o1", "o3"]
+
+
+def test_limits_get_and_set(env: Env) -> None:
+    out = json.loads(ckeys(env, "limits", "get", "--json").stdout)
+    declared = {q["queue"]: q for q in out["queues"]}
+    assert declared["ckt.one_at_a_time"]["declared"] == 1
+    assert declared["shared"]["effective"] == 2
+    assert "queue reports: limit 5" in ckeys(env, "limits", "set", "reports", "5").stdout
+    out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
+    assert out["queues"] == [{"queue": "reports", "recorded": 5, "declared": None, "effective": 5}]
+    table = ckeys(env, "limits", "get").stdout
+    assert "reports" in table and "APPLIES" in table
+    ckeys(env, "limits", "set", "reports", "--clear")
+    out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
+    assert out["queues"][0]["recorded"] is None
+    bad = ckeys(env, "limits", "set", "reports", "0", check=False)
+    assert bad.returncode != 0 and "positive integer" in bad.stderr
+
+
+def test_a_limit_set_from_the_cli_applies_to_the_next_runs(env: Env) -> None:
+    env.workers(count=2, concurrency=4)
+    ckeys(env, "limits", "set", "ckt.limited3", "1")
+    limited3 = env.app().tasks["ckt.limited3"]
+    for r in [limited3.apply_async((["cli-limit"], 0.2)) for _ in range(5)]:
+        r.get(timeout=60)
+    assert env.max("cli-limit") == 1
