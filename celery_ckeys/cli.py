@@ -28,7 +28,7 @@ from .errors import CkeysError
 from .introspect import SlotStatus, declared_limits, effective_limit
 from .naming import CONF, HOLDERS, Names, parse_tag
 from .redaction import redact
-from .store import Store, store_for
+from .store import Store
 from .validation import check_key, check_limit, check_queue_name
 
 
@@ -37,7 +37,9 @@ def _app(ctx: click.Context) -> Any:
 
 
 def _store(ctx: click.Context) -> Store:
-    return store_for(get_config(_app(ctx)))
+    from .gate import store_of
+
+    return store_of(_app(ctx))
 
 
 def _age(seconds: Optional[float]) -> str:
@@ -88,10 +90,11 @@ def status(ctx: click.Context, tag: Optional[str], show_all: bool, as_json: bool
     if not slots:
         click.echo("nothing holds, waits or is deferred")
         return
-    rows = [["SLOT", "LIMIT", "RUNNING", "WAITING", "DEFERRED", "OLDEST WAIT"]]
+    rows = [["SLOT", "LIMIT", "RUNNING", "WAITING", "DEFERRED", "PARKED", "OLDEST WAIT"]]
     for s in slots:
         rows.append([s.label, "-" if s.limit is None else str(s.limit), str(len(s.holders)),
-                     str(len(s.waiting)), str(s.deferred_count), _age(s.oldest_wait_seconds)])
+                     str(len(s.waiting)), str(len(s.deferred)), str(len(s.parked)),
+                     _age(s.oldest_wait_seconds)])
     click.echo(_table(rows))
     holders = [(s, h) for s in slots for h in s.holders]
     if holders:
@@ -100,6 +103,14 @@ def status(ctx: click.Context, tag: Optional[str], show_all: bool, as_json: bool
         for s, h in holders:
             rows.append([s.label, h.task_id, h.task_name, _age(h.held_seconds),
                          f"{h.worker} (pid {h.pid})" if h.pid else h.worker, ",".join(h.tags)])
+        click.echo(_table(rows))
+    line = [(s, p) for s in slots for p in s.parked]
+    if line:
+        click.echo("")
+        rows = [["LINE OF", "#", "TASK ID", "TASK", "WAITING"]]
+        for s, p in line:
+            rows.append([s.label, "woken" if p.woken else str(p.position), p.task_id, p.task_name,
+                         _age(p.parked_seconds)])
         click.echo(_table(rows))
 
 

@@ -38,6 +38,7 @@ class CkeysConfig:
     wait_poll_interval: float = 0.25
     starvation_grace: float = 3.0
     metrics: bool = False
+    handoff_claim_timeout: float = 2.0
 
     @property
     def environment_burst_limit(self) -> Optional[int]:
@@ -49,6 +50,11 @@ class CkeysConfig:
     @property
     def lock_ttl_ms(self) -> int:
         return int(self.lock_ttl * 1000)
+
+    @property
+    def claim_window_ms(self) -> int:
+        """How long a woken parked run may take to arrive before it is published again."""
+        return int(self.handoff_claim_timeout * 1000)
 
     @property
     def deferral_memory_ms(self) -> int:
@@ -187,4 +193,5 @@ def from_conf(conf: Mapping[str, Any], *, default_namespace: str) -> CkeysConfig
         wait_poll_interval=_number(conf, "ckeys_wait_poll_interval", 0.25, minimum=0, strict=True),
         starvation_grace=_number(conf, "ckeys_starvation_grace", 3.0, minimum=0),
         metrics=_bool(conf, "ckeys_metrics", False),
+        handoff_claim_timeout=_number(conf, "ckeys_handoff_claim_timeout", 2.0, minimum=0.1),
     )

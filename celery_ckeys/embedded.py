@@ -94,6 +94,7 @@ class RedisServer:
         self.port = port or free_port()
         self.appendonly = appendonly
         self.directory = directory or tempfile.mkdtemp(prefix="ckeys-redis-")
+        os.makedirs(self.directory, exist_ok=True)
         self.extra = list(extra)
         self.binary = find_redis_server()
         self.process: Optional[subprocess.Popen[bytes]] = None

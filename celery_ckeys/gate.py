@@ -22,11 +22,12 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NoReturn, Optional
 
 from celery.exceptions import Ignore, Reject
 
-from . import signals
+from . import handoff, signals
 from .admission import Plan, RunSpec, plan_for
 from .config import CkeysConfig, get_config
 from .errors import (
@@ -44,6 +45,7 @@ from .publish import (
     HEADER_RESUME,
     HEADER_TAGS,
     HEADER_WAIT_CHAIN,
+    HEADER_WOKEN,
     default_key,
 )
 from .queues import ConcurrencyQueue, coerce_queue
@@ -77,7 +79,7 @@ def headers_of(request: Any) -> dict[str, Any]:
         return headers
     found: dict[str, Any] = {}
     for name in (HEADER_KEY, HEADER_QUEUE, HEADER_TAGS, HEADER_DEFERRALS, HEADER_WAIT_CHAIN,
-                 HEADER_RESUME):
+                 HEADER_RESUME, HEADER_FIRST_DEFERRED, HEADER_WOKEN):
         value = getattr(request, name, None)
         if value is not None:
             found[name] = value
@@ -138,9 +140,17 @@ def holder_record(task: Any, request: Any, tags: list[str]) -> dict[str, Any]:
     return record
 
 
+def store_of(app: Any) -> Store:
+    """The app's store, ready to publish the runs a handoff wakes."""
+    store = store_for(get_config(app))
+    if store.on_wakes is None:
+        store.on_wakes = partial(handoff.publish, app)
+    return store
+
+
 def plan_of(task: Any, request: Any, args: Any, kwargs: Any) -> tuple[CkeysConfig, Store, Optional[Plan]]:
-    config = get_config(task.app)
-    store = store_for(config)
+    store = store_of(task.app)
+    config = store.config
     spec = run_spec(task, headers_of(request), args, kwargs)
     return config, store, plan_for(config, store.names, spec)
 
@@ -160,10 +170,11 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     try:
         return task.run(*args, **kwargs)
     finally:
+        # the waiting parent first, so that the slot this run frees goes to it
+        _parent_may_resume(store, headers)
         active = _active.get(request.id)
         if active is not None:
             release(task, active.holding, reason="finished")
-        _parent_may_resume(store, headers)
 
 
 def _parent_may_resume(store: Store, headers: dict[str, Any]) -> None:
@@ -186,16 +197,40 @@ def _parent_may_resume(store: Store, headers: dict[str, Any]) -> None:
         release_log.warning("could not mark parent %s ready to resume: %s", owner, describe(exc))
 
 
-def acquire(task: Any, request: Any, store: Store, plan: Plan, holder: dict[str, Any], *,
-            resume: bool = False) -> Holding:
-    """Take the plan's slots, or defer the run (which raises ``Ignore``)."""
+def acquire(task: Any, request: Any, store: Store, plan: Plan, holder: dict[str, Any]) -> Holding:
+    """Take the plan's slots, or defer the run (which raises ``Ignore``).
+
+    Deferral is a countdown re-publish, or with ``ckeys_deferral="handoff"`` a place in the
+    full slot's line in Redis (:mod:`celery_ckeys.handoff`).
+    """
+    headers = headers_of(request)
+    mode = "woken" if headers.get(HEADER_WOKEN) else "fresh"
     try:
-        result = store.acquire(plan.slots, request.id, holder, primary=plan.primary, resume=resume)
+        result = store.acquire(plan.slots, request.id, holder, primary=plan.primary, mode=mode)
+        if not result.ok and not result.duplicate and store.config.deferral == "handoff":
+            first = headers.get(HEADER_FIRST_DEFERRED)
+            first = float(first) if isinstance(first, (int, float)) else time.time()
+            parked_headers = dict(headers)
+            parked_headers[HEADER_DEFERRALS] = int(headers.get(HEADER_DEFERRALS) or 0) + 1
+            parked_headers[HEADER_FIRST_DEFERRED] = round(first, 3)
+            message = handoff.message_for(task, request, parked_headers, first)
+            if message is not None:
+                result = store.acquire(plan.slots, request.id, holder, primary=plan.primary,
+                                       mode=mode, message=message,
+                                       first_deferred_ms=int(first * 1000))
+                if result.parked and result.blocked is not None:
+                    store.note_line(result.blocked.tag)
     except CoordinationUnavailable as exc:
         defer_log.error("run %s of %s deferred: %s", request.id, task.name, describe(exc))
         defer(task, request, store.config, blocked_by="(coordination Redis)", holder="",
               reason="unavailable")
+    if result.duplicate:
+        defer_log.info("run %s of %s dropped: another copy of it was already woken and claimed"
+                       " its place", request.id, task.name)
+        raise Ignore("duplicate wake of a parked run")
     if not result.ok:
+        if result.parked:
+            on_parked(task, request, result)
         on_blocked(task, request, store.config, result)
     return hold(task, request, store, plan, result, holder)
 
@@ -220,19 +255,33 @@ def hold(task: Any, request: Any, store: Store, plan: Plan, result: AcquireResul
     return holding
 
 
+def _why(request: Any, result: AcquireResult) -> str:
+    holder = result.holder
+    if holder == request.id:
+        return "held by an earlier delivery of this same run (its lease has not run out)"
+    if holder:
+        return f"held by {holder}"
+    return "reserved for runs resuming from wait_for or woken from its line"
+
+
 def on_blocked(task: Any, request: Any, config: CkeysConfig, result: AcquireResult) -> NoReturn:
     assert result.blocked is not None
     blocked_by = result.blocked.label
-    holder = result.holder
-    if holder == request.id:
-        why = "held by an earlier delivery of this same run (its lease has not run out)"
-    elif holder:
-        why = f"held by {holder}"
-    else:
-        why = "reserved for runs resuming from wait_for"
     defer_log.info("run %s of %s deferred: %s (limit %d) is %s",
-                   request.id, task.name, blocked_by, result.limit, why)
-    defer(task, request, config, blocked_by=blocked_by, holder=holder, reason="busy")
+                   request.id, task.name, blocked_by, result.limit, _why(request, result))
+    defer(task, request, config, blocked_by=blocked_by, holder=result.holder, reason="busy")
+
+
+def on_parked(task: Any, request: Any, result: AcquireResult) -> NoReturn:
+    """The run now waits in Redis, in the full slot's line; this delivery ends."""
+    assert result.blocked is not None
+    blocked_by = result.blocked.label
+    defer_log.info("run %s of %s parked: %s (limit %d) is %s",
+                   request.id, task.name, blocked_by, result.limit, _why(request, result))
+    if signals.run_deferred.receivers:
+        signals.run_deferred.send(sender=task, task_id=request.id, blocked_by=blocked_by,
+                                  holder=result.holder, countdown=None, reason="busy")
+    raise Ignore(f"parked: {blocked_by} is busy")
 
 
 def countdown_for(config: CkeysConfig) -> float:
@@ -254,6 +303,7 @@ def defer(task: Any, request: Any, config: CkeysConfig, *, blocked_by: str, hold
     headers = dict(headers_of(request))
     headers[HEADER_DEFERRALS] = int(headers.get(HEADER_DEFERRALS) or 0) + 1
     headers.setdefault(HEADER_FIRST_DEFERRED, round(time.time(), 3))
+    headers.pop(HEADER_WOKEN, None)  # a countdown copy is a fresh arrival, not a woken one
     signature = task.signature_from_request(request, countdown=countdown,
                                             retries=request.retries, headers=headers)
     try:

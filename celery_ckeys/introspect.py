@@ -19,7 +19,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from .config import CkeysConfig, get_config
-from .naming import CONF, DEFERRED, HOLDERS, META, PARKED, RESUMING, WAITING, Names, Tag, parse_tag
+from .naming import (
+    CONF,
+    DEFERRED,
+    HOLDERS,
+    MESSAGES,
+    META,
+    PARKED,
+    RESUMING,
+    WAITING,
+    WOKEN,
+    Names,
+    Tag,
+    parse_tag,
+)
 from .store import Store, store_for
 
 
@@ -55,10 +68,13 @@ class Waiting:
 
 @dataclass
 class Parked:
+    """A run waiting in a slot's handoff line (``position`` 1 goes next), or woken (0)."""
+
     task_id: str
     task_name: str
     position: int
     parked_seconds: float
+    woken: bool = False
 
 
 @dataclass
@@ -216,10 +232,12 @@ def _fill(store: Store, t: str, slot: SlotStatus, now: int) -> None:
         pipe.zrange(key(t, DEFERRED), 0, -1, withscores=True)
         pipe.zrange(key(t, WAITING), 0, -1, withscores=True)
         pipe.zrange(key(t, RESUMING), 0, -1, withscores=True)
-        pipe.lrange(key(t, PARKED), 0, -1)
+        pipe.zrange(key(t, WOKEN), 0, -1, withscores=True)
+        pipe.zrange(key(t, PARKED), 0, -1, withscores=True)
+        pipe.hgetall(key(t, MESSAGES))
         return list(pipe.execute())
 
-    holders, meta, deferred, waiting, resuming, parked = store.guarded(_read)
+    holders, meta, deferred, waiting, resuming, woken, parked, messages = store.guarded(_read)
     meta = {_text(k): _text(v) for k, v in meta.items()}
     for raw_owner, expiry in holders:
         if expiry <= now:
@@ -250,11 +268,15 @@ def _fill(store: Store, t: str, slot: SlotStatus, now: int) -> None:
             slot.waiting.append(Waiting(task_id=_text(raw_owner), resuming=False))
     for raw_owner, _asked in resuming:
         slot.waiting.append(Waiting(task_id=_text(raw_owner), resuming=True))
-    for position, raw in enumerate(parked, 1):
-        msg = _json(_text(raw))
+    messages = {_text(k): _json(_text(v)) for k, v in messages.items()}
+    for position, (raw_owner, first) in enumerate(list(woken) + list(parked)):
+        owner = _text(raw_owner)
+        msg = messages.get(owner, {})
+        is_woken = position < len(woken)
         slot.parked.append(Parked(
-            task_id=str(msg.get("id", "?")), task_name=str(msg.get("task", "?")), position=position,
-            parked_seconds=round((now - int(msg.get("at", now))) / 1000, 3)))
+            task_id=owner, task_name=str(msg.get("task", "?")),
+            position=0 if is_woken else position - len(woken) + 1,
+            parked_seconds=round((now - int(msg.get("first") or first)) / 1000, 3), woken=is_woken))
 
 
 def _json(raw: Optional[str]) -> dict[str, Any]:
@@ -292,12 +314,17 @@ def explain(app: Any, task_id: str) -> Explanation:
     for s in slots:
         for p in s.parked:
             if p.task_id == task_id:
-                ahead = p.position - 1
+                held_by = ", ".join(f"{h.task_id} ({h.task_name}, {h.held_seconds:.0f}s)"
+                                    for h in s.holders) or "nobody"
+                if p.woken:
+                    detail = (f"woken from the line of {s.label} (limit {s.limit}) and on its way"
+                              f" to a worker; its place is reserved; held by {held_by}")
+                else:
+                    detail = (f"parked in the line of {s.label} (limit {s.limit}) at position"
+                              f" {p.position}, {p.position - 1} ahead of it, waiting"
+                              f" {p.parked_seconds:.0f}s; held by {held_by}")
                 return Explanation(task_id, "parked", slots=[s.label], blocked_by=s.label,
-                                   holders=s.holders,
-                                   detail=f"parked on {s.label} (limit {s.limit}) at position"
-                                          f" {p.position}, {ahead} ahead of it; held by "
-                                          + (", ".join(h.task_id for h in s.holders) or "nobody"))
+                                   holders=s.holders, detail=detail)
         for d in s.deferred:
             if d.task_id == task_id:
                 blocker = by_label.get(d.blocked_by)

@@ -21,7 +21,9 @@ META = "m"  # HASH owner -> holder JSON; "?"+owner -> deferral JSON; "#f" -> las
 DEFERRED = "d"  # ZSET owner -> last deferral (ms)
 RESUMING = "r"  # ZSET owner -> when it asked to resume (ms); these go first
 WAITING = "w"  # ZSET owner -> lease expiry of a run blocked in wait_for
-PARKED = "p"  # LIST of parked messages (handoff deferral), oldest at the head
+PARKED = "p"  # ZSET owner -> first deferral (ms): the handoff line, oldest first
+WOKEN = "v"  # ZSET owner -> when it was woken (ms): popped from the line, on its way
+MESSAGES = "pm"  # HASH owner -> message JSON of a parked or woken run
 CONF = "c"  # HASH "limit" -> recorded limit of a queue
 WAKE = "k"  # LIST a releaser pushes to, so a resuming waiter need not poll
 
@@ -77,6 +79,9 @@ class Names:
 
     def workers(self) -> str:
         return f"{self.ns}|workers"
+
+    def lines(self) -> str:
+        return f"{self.ns}|lines"
 
     # -- keys -----------------------------------------------------------------
     @staticmethod

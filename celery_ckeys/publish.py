@@ -20,6 +20,7 @@ HEADER_QUEUE = "concurrency_queue"
 HEADER_TAGS = "ckeys_tags"
 HEADER_DEFERRALS = "ckeys_deferrals"
 HEADER_FIRST_DEFERRED = "ckeys_first_deferred"
+HEADER_WOKEN = "ckeys_woken"
 HEADER_WAIT_CHAIN = "ckeys_wait_chain"
 HEADER_RESUME = "ckeys_resume"
 

@@ -7,6 +7,7 @@ only knows how to take, renew and give back a list of slots, atomically.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -23,13 +24,17 @@ from .naming import (
     CONF,
     DEFERRED,
     HOLDERS,
+    MESSAGES,
     META,
     PARKED,
     RESUMING,
     WAITING,
     WAKE,
+    WOKEN,
     Names,
 )
+
+logger = logging.getLogger("celery_ckeys.store")
 
 # What a failed call to Redis looks like, whatever the deployment.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
@@ -80,6 +85,10 @@ class AcquireResult:
     blocked: Optional[Slot] = None
     holder: str = ""
     limit: int = 0
+    #: the run now waits in ``blocked``'s line (handoff)
+    parked: bool = False
+    #: a woken run that is no longer listed as woken: another copy already claimed it
+    duplicate: bool = False
 
 
 def _client_options(config: CkeysConfig) -> dict[str, Any]:
@@ -169,6 +178,8 @@ class Store:
         self._lock = threading.Lock()
         #: one script call per hash tag (Redis Cluster); tests force it on a single Redis
         self.stepwise = config.redis_cluster
+        #: publishes woken parked runs' messages (set by the Celery glue, which has the app)
+        self.on_wakes: Optional[Callable[[list[str]], None]] = None
 
     # -- connection -----------------------------------------------------------
     @property
@@ -239,9 +250,31 @@ class Store:
         self._client = None
 
     # -- slots ----------------------------------------------------------------
+    def publish_wakes(self, wakes: Sequence[str]) -> None:
+        """Hand the messages of woken parked runs to whoever publishes them.
+
+        Nothing is lost if that fails or nobody is set: a woken run that does not arrive
+        is published again by the sweeper (``sweep.lua``).
+        """
+        if not wakes:
+            return
+        if self.on_wakes is None:
+            logger.warning("%d woken run(s) left to the sweeper: no publisher is set", len(wakes))
+            return
+        try:
+            self.on_wakes(list(wakes))
+        except Exception as exc:
+            logger.error("could not publish %d woken run(s) (%s); the sweeper will",
+                         len(wakes), describe(exc))
+
     def acquire(self, slots: Sequence[Slot], owner: str, holder: dict[str, Any], *,
-                primary: int, resume: bool = False) -> AcquireResult:
+                primary: int, mode: str = "fresh", message: str = "",
+                first_deferred_ms: int = 0) -> AcquireResult:
         """Take every slot or none. ``primary`` is the 1-based slot that records deferrals.
+
+        ``mode`` is ``"fresh"``, ``"resume"`` (back from wait_for) or ``"woken"`` (a parked
+        run the handoff woke). With a ``message``, a blocked run is parked in the full
+        slot's line in the same atomic step (no wake-up can be lost in between).
 
         On one Redis this is one script call. Under Redis Cluster (``stepwise``) a script
         may only touch keys of one hash tag, and a run's slots (a partition, its queue's
@@ -249,10 +282,11 @@ class Store:
         :meth:`_acquire_stepwise`.
         """
         if self.stepwise:
-            return self._acquire_stepwise(slots, owner, holder, primary=primary, resume=resume)
+            return self._acquire_stepwise(slots, owner, holder, primary=primary, mode=mode,
+                                          message=message, first_deferred_ms=first_deferred_ms)
         keys: list[str] = []
         for slot in slots:
-            keys += [slot.key(HOLDERS), slot.key(META), slot.key(DEFERRED), slot.key(RESUMING)]
+            keys += _acquire_keys(slot)
         conf_index: dict[str, int] = {}
         specs: list[dict[str, Any]] = []
         for slot in slots:
@@ -264,19 +298,28 @@ class Store:
                     conf_index[slot.conf_tag] = len(keys)
                 spec["c"] = conf_index[slot.conf_tag]
             specs.append(spec)
-        args = [
-            owner, self.config.lock_ttl_ms, json.dumps(holder, separators=(",", ":")),
-            json.dumps(specs, separators=(",", ":")), primary,
-            self.config.deferral_memory_ms, "1" if resume else "0",
-        ]
-        reply = self.call("acquire", keys, args)
-        if int(reply[0]) == 1:
+        reply = self.call("acquire", keys, self._acquire_args(
+            owner, holder, json.dumps(specs, separators=(",", ":")), primary, mode, message,
+            first_deferred_ms))
+        return self._acquire_result(reply, slots)
+
+    def _acquire_args(self, owner: str, holder: dict[str, Any], specs: str, primary: int, mode: str,
+                      message: str, first_deferred_ms: int) -> list[Any]:
+        return [owner, self.config.lock_ttl_ms, json.dumps(holder, separators=(",", ":")), specs,
+                primary, self.config.deferral_memory_ms, mode, message, first_deferred_ms]
+
+    def _acquire_result(self, reply: Any, slots: Sequence[Slot]) -> AcquireResult:
+        status = int(reply[0])
+        if status == 1:
             taken_idx = [int(i) for i in _text(reply[2]).split(",") if i]
             return AcquireResult(True, fence=int(reply[1]),
                                  taken=tuple(slots[i - 1] for i in taken_idx))
-        j = int(reply[1])
-        return AcquireResult(False, blocked=slots[j - 1], holder=_text(reply[2]),
-                             limit=int(reply[3]))
+        if status == 2:
+            return AcquireResult(False, duplicate=True)
+        wakes = tuple(_text(w) for w in reply[5:])
+        self.publish_wakes(wakes)
+        return AcquireResult(False, blocked=slots[int(reply[1]) - 1], holder=_text(reply[2]),
+                             limit=int(reply[3]), parked=int(reply[4]) == 1)
 
     def _resolve_limits(self, slots: Sequence[Slot]) -> list[tuple[int, int]]:
         """``(slot index, limit)`` of the slots to take, as ``acquire.lua`` decides them."""
@@ -307,7 +350,8 @@ class Store:
         return used
 
     def _acquire_stepwise(self, slots: Sequence[Slot], owner: str, holder: dict[str, Any], *,
-                          primary: int, resume: bool) -> AcquireResult:
+                          primary: int, mode: str, message: str,
+                          first_deferred_ms: int) -> AcquireResult:
         """Admission in steps, for Redis Cluster: one script call per slot, with compensation.
 
         Limits are resolved first (reading, or for a trigger-time limit writing, each queue's
@@ -327,53 +371,58 @@ class Store:
         for j, limit in used:
             slot = slots[j - 1]
             one = Slot(tag=slot.tag, kind=slot.kind, label=slot.label, spec=(("l", limit),))
-            result = self._acquire_one(one, owner, holder, record=(j == primary), resume=resume)
+            result = self._acquire_one(one, owner, holder, record=(j == primary), mode=mode,
+                                       message=message, first_deferred_ms=first_deferred_ms)
+            if result.duplicate and not taken:
+                return result
             if not result.ok:
                 if taken:
                     self.release(taken, owner)
-                if j != primary and primary:
+                if j != primary and primary and not result.duplicate:
                     # note the deferral where status looks for it (a limit of 0 never admits)
                     p = slots[primary - 1]
                     self._acquire_one(Slot(tag=p.tag, kind=p.kind, label=p.label, spec=(("l", 0),)),
-                                      owner, holder, record=True, resume=False)
-                return AcquireResult(False, blocked=slot, holder=result.holder, limit=limit)
+                                      owner, holder, record=True, mode="fresh", message="",
+                                      first_deferred_ms=0)
+                return AcquireResult(False, blocked=slot, holder=result.holder, limit=limit,
+                                     parked=result.parked)
             taken.append(slot)
             if j == primary or not fence:
                 fence = result.fence
         return AcquireResult(True, fence=fence, taken=tuple(taken))
 
     def _acquire_one(self, slot: Slot, owner: str, holder: dict[str, Any], *, record: bool,
-                     resume: bool) -> AcquireResult:
-        keys = [slot.key(HOLDERS), slot.key(META), slot.key(DEFERRED), slot.key(RESUMING)]
-        reply = self.call("acquire", keys, [
-            owner, self.config.lock_ttl_ms, json.dumps(holder, separators=(",", ":")),
-            json.dumps([dict(slot.spec)], separators=(",", ":")), 1 if record else 0,
-            self.config.deferral_memory_ms, "1" if resume else "0",
-        ])
-        if int(reply[0]) == 1:
-            return AcquireResult(True, fence=int(reply[1]), taken=(slot,))
-        return AcquireResult(False, blocked=slot, holder=_text(reply[2]), limit=int(reply[3]))
+                     mode: str, message: str, first_deferred_ms: int) -> AcquireResult:
+        reply = self.call("acquire", _acquire_keys(slot), self._acquire_args(
+            owner, holder, json.dumps([dict(slot.spec)], separators=(",", ":")), 1 if record else 0,
+            mode, message, first_deferred_ms))
+        return self._acquire_result(reply, [slot])
 
     def release(self, slots: Sequence[Slot], owner: str, *, only: str = "") -> int:
+        """Give back ``owner``'s slots; returns how many it held. Wakes parked runs."""
+        if not slots:
+            return 0
         if self.stepwise and len(slots) > 1:
             replies = self.pipeline([("release", _release_keys([slot]), (owner, only))
                                      for slot in slots])
-            return sum(int(r) for r in replies)
-        keys = _release_keys(slots)
-        if not keys:
-            return 0
-        return int(self.call("release", keys, [owner, only]))
+        else:
+            replies = [self.call("release", _release_keys(slots), [owner, only])]
+        self.publish_wakes([_text(w) for reply in replies for w in reply[1:]])
+        return sum(int(reply[0]) for reply in replies)
 
     def release_many(self, runs: Sequence[tuple[Sequence[Slot], str]]) -> None:
         """Release several runs in one round trip."""
         if len(runs) == 1:
             self.release(runs[0][0], runs[0][1])
             return
-        if self.stepwise:
-            self.pipeline([("release", _release_keys([slot]), (owner, ""))
-                           for slots, owner in runs for slot in slots])
-            return
-        self.pipeline([("release", _release_keys(slots), (owner, "")) for slots, owner in runs])
+        groups = [[slot] for slots, _ in runs for slot in slots] if self.stepwise else None
+        owners = [owner for slots, owner in runs for _ in slots] if self.stepwise else None
+        if groups is not None and owners is not None:
+            calls = [("release", _release_keys(g), (o, "")) for g, o in zip(groups, owners)]
+        else:
+            calls = [("release", _release_keys(slots), (owner, "")) for slots, owner in runs]
+        replies = self.pipeline(calls)
+        self.publish_wakes([_text(w) for reply in replies for w in reply[1:]])
 
     def renew(self, slots: Sequence[Slot], owner: str) -> int:
         return self.renew_many([(slots, owner, HOLDERS)])[0]
@@ -407,14 +456,62 @@ class Store:
         calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
         for group in groups:
             keys = [Names.redis_key(tag, role) for tag in group
-                    for role in (HOLDERS, WAITING, RESUMING, WAKE, META)]
+                    for role in (HOLDERS, WAITING, RESUMING, WAKE, META, PARKED, WOKEN, MESSAGES)]
             if keys:
                 calls.append(("wait", keys, (op, owner, self.config.lock_ttl_ms)))
         if not calls:
             return 0
-        if len(calls) == 1:
-            return int(self.call(*calls[0]))
-        return sum(int(r) for r in self.pipeline(calls))
+        replies = [self.call(*calls[0])] if len(calls) == 1 else self.pipeline(calls)
+        self.publish_wakes([_text(w) for reply in replies for w in reply[1:]])
+        return sum(int(reply[0]) for reply in replies)
+
+    # -- the handoff's sweep index: slots with a line, by when they next need a sweep ----
+    @property
+    def _lines_key(self) -> str:
+        return Names.redis_key(self.names.lines(), "i")
+
+    def note_line(self, tag: str) -> None:
+        """Remember that ``tag`` has a line, due for a sweep after one countdown."""
+        due_in = int(self.config.retry_countdown * 1000)
+        key = self._lines_key
+        self.guarded(lambda c: c.eval(
+            "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000);"
+            " local due = now + tonumber(ARGV[2]); local old = redis.call('ZSCORE', KEYS[1], ARGV[1]);"
+            " if not old or tonumber(old) > due then redis.call('ZADD', KEYS[1], due, ARGV[1]) end",
+            1, key, tag, due_in))
+
+    def due_lines(self, most: int = 100) -> list[tuple[str, float]]:
+        """Slots whose line is due for a sweep now, with the due time the index holds."""
+        key = self._lines_key
+
+        def _do(client: Any) -> list[tuple[str, float]]:
+            sec, usec = client.time()
+            now = int(sec) * 1000 + int(usec) // 1000
+            return [(_text(t), float(score)) for t, score in
+                    client.zrangebyscore(key, "-inf", now, start=0, num=most, withscores=True)]
+
+        result: list[tuple[str, float]] = self.guarded(_do)
+        return result
+
+    def sweep_line(self, tag: str, seen_due: float) -> None:
+        """Sweep one slot, then keep its index entry up to date (or drop it when empty)."""
+        due = self.sweep(tag)
+        key = self._lines_key
+        # compare-and-set: a park that happened meanwhile set a new due time; keep it
+        self.guarded(lambda c: c.eval(
+            "local old = redis.call('ZSCORE', KEYS[1], ARGV[1]);"
+            " if old and tonumber(old) == tonumber(ARGV[2]) then"
+            "   if tonumber(ARGV[3]) < 0 then redis.call('ZREM', KEYS[1], ARGV[1])"
+            "   else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end end",
+            1, key, tag, repr(seen_due), due))
+
+    def sweep(self, tag: str, *, most: int = 100) -> int:
+        """``sweep.lua`` on one slot; publishes what it wakes; returns the next due time (ms)."""
+        keys = [Names.redis_key(tag, role) for role in (PARKED, WOKEN, MESSAGES, HOLDERS)]
+        reply = self.call("sweep", keys, [self.config.claim_window_ms,
+                                          int(self.config.retry_countdown * 1000), most])
+        self.publish_wakes([_text(w) for w in reply[1:]])
+        return int(reply[0])
 
     def queue_limit(self, queue: str) -> Optional[int]:
         key = Names.redis_key(self.names.queue(queue), CONF)
@@ -435,10 +532,14 @@ def _hget(client: Any, *, key: str, field: str) -> Any:
     return client.hget(key, field)
 
 
+def _acquire_keys(slot: Slot) -> list[str]:
+    return [slot.key(role) for role in (HOLDERS, META, DEFERRED, RESUMING, PARKED, WOKEN, MESSAGES)]
+
+
 def _release_keys(slots: Sequence[Slot]) -> list[str]:
     keys: list[str] = []
     for slot in slots:
-        keys += [slot.key(HOLDERS), slot.key(META), slot.key(RESUMING), slot.key(WAKE)]
+        keys += [slot.key(role) for role in (HOLDERS, META, RESUMING, WAKE, PARKED, WOKEN, MESSAGES)]
     return keys
 
 
@@ -464,6 +565,6 @@ def store_for(config: CkeysConfig) -> Store:
 
 
 __all__ = [
-    "CONF", "DEFERRED", "HOLDERS", "META", "PARKED", "REDIS_ERRORS", "RESUMING", "WAITING",
-    "WAKE", "AcquireResult", "Slot", "Store", "make_client", "store_for",
+    "CONF", "DEFERRED", "HOLDERS", "MESSAGES", "META", "PARKED", "REDIS_ERRORS", "RESUMING",
+    "WAITING", "WAKE", "WOKEN", "AcquireResult", "Slot", "Store", "make_client", "store_for",
 ]

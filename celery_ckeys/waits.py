@@ -226,7 +226,7 @@ class _Wait:
             try:
                 self.store.wait_op("ready", tags, owner)
                 result = self.store.acquire(plan.slots, owner, holder, primary=plan.primary,
-                                            resume=True)
+                                            mode="resume")
             except CoordinationUnavailable as exc:
                 if attempt % 20 == 1:
                     logger.error("run %s cannot resume yet: %s", owner, describe(exc))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery.signals import celeryd_init, worker_ready, worker_shutdown
@@ -71,14 +72,15 @@ def _tune_worker(sender: Any = None, instance: Any = None, conf: Any = None, **_
         conf.worker_eta_task_limit = config.eta_task_limit
 
 
-# -- the worker registry, for wait_for's starvation check ------------------------------
+# -- the worker registry and the handoff sweeper, in each worker's main process --------
 #
 # Each worker's main process lists itself in Redis: the broker queues it consumes and how
 # many processes (or threads) it runs, refreshed every few seconds with an expiry, so
 # that a run blocked in wait_for can tell when every process that could run its child is
-# itself blocked.
+# itself blocked. The same thread sweeps the handoff lines every second.
 
 REGISTRY_REFRESH = 5.0
+SWEEP_INTERVAL = 1.0
 REGISTRY_LIFETIME_MS = 20_000
 
 _registry_threads: dict[str, threading.Event] = {}
@@ -108,26 +110,35 @@ def _start_registry(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is None or not _has_keyed_tasks(app):
         return
-    from .config import get_config
     from .errors import CoordinationUnavailable
-    from .store import store_for
+    from .gate import store_of
 
-    store = store_for(get_config(app))
+    store = store_of(app)
     hostname = sender.hostname
     stop = threading.Event()
     _registry_threads[hostname] = stop
 
     def loop() -> None:
+        registered = 0.0
         while not stop.is_set():
             try:
-                _register(store, hostname, _worker_info(sender))
+                if time.monotonic() - registered >= REGISTRY_REFRESH:
+                    _register(store, hostname, _worker_info(sender))
+                    registered = time.monotonic()
+                sweep(store)
             except CoordinationUnavailable:
                 pass
             except Exception:  # pragma: no cover - never kill the worker for this
-                logger.exception("celery_ckeys: worker registry refresh failed")
-            stop.wait(REGISTRY_REFRESH)
+                logger.exception("celery_ckeys: background sweep failed")
+            stop.wait(SWEEP_INTERVAL)
 
     threading.Thread(target=loop, name="ckeys-registry", daemon=True).start()
+
+
+def sweep(store: Any) -> None:
+    """The handoff's safety net: see ``sweep.lua``. Every worker's main process runs it."""
+    for tag, seen_due in store.due_lines():
+        store.sweep_line(tag, seen_due)
 
 
 @worker_shutdown.connect(weak=False, dispatch_uid="celery_ckeys.worker_registry_stop")

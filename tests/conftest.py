@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -51,6 +52,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer(extra=["--databases", "4096"]).start()
     yield server
+    # results still referenced by finished tests unsubscribe when collected: let them
+    # do so while Redis is still there
+    gc.collect()
     server.stop()
 
 
@@ -105,15 +109,19 @@ class Workers:
         return [int(x) for x in out.split()]
 
     def stop(self, *, kill: bool = False) -> None:
+        """Warm shutdown (SIGTERM to the main process: running tasks finish), or SIGKILL all."""
         for proc in self.procs:
             if proc.poll() is None:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+                    if kill:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    else:
+                        proc.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         for proc in self.procs:
             try:
-                proc.wait(20)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)

@@ -20,11 +20,15 @@ def test_dependencies_and_extras() -> None:
 def test_typed_and_scripts_ship_with_the_package() -> None:
     files = resources.files("celery_ckeys")
     assert (files / "py.typed").is_file()
-    for name in ("acquire", "release", "renew"):
-        text = (files / "lua" / f"{name}.lua").read_text()
-        assert text.startswith(f"-- {name}.lua:")
-        assert "KEYS" in text.split("\n\n")[0] or "KEYS" in text[:1500]
-        assert "Returns" in text[:3000]
+    scripts = [f for f in (files / "lua").iterdir() if f.name.endswith(".lua")]
+    assert {f.name for f in scripts} >= {"acquire.lua", "release.lua", "renew.lua", "wait.lua",
+                                         "sweep.lua"}
+    for script in scripts:
+        text = script.read_text()
+        assert text.startswith(f"-- {script.name}:")
+        header = "\n".join(line for line in text.splitlines() if line.startswith("--"))
+        for part in ("KEYS", "ARGV", "Returns"):
+            assert part in header, f"{script.name} does not state its {part}"
 
 
 def test_public_names() -> None:

@@ -1,13 +1,18 @@
 -- acquire.lua: take every slot a run needs, or none of them (all-or-nothing admission).
 --
--- KEYS, four per slot j = 1..n, in this order:
---   KEYS[4j-3]  holders   ZSET  owner -> lease expiry (ms, server time)
---   KEYS[4j-2]  meta      HASH  owner -> holder JSON; "?"..owner -> deferral JSON (first and last
---                                deferral, count, the full slot's holders key, one holder of it);
---                                "#f" -> last fence
---   KEYS[4j-1]  deferred  ZSET  owner -> time of its last deferral (ms)
---   KEYS[4j]    resuming  ZSET  owner -> when it asked to resume (ms); resuming runs go first
--- then the conf HASHes that specs point at (KEYS[4n+1..]).
+-- KEYS, seven per slot j = 1..n, in this order (b = 7j - 7):
+--   KEYS[b+1]  holders   ZSET  owner -> lease expiry (ms, server time)
+--   KEYS[b+2]  meta      HASH  owner -> holder JSON; "?"..owner -> deferral JSON (first and last
+--                              deferral, count, the full slot's holders key, one holder of it);
+--                              "#f" -> last fence
+--   KEYS[b+3]  deferred  ZSET  owner -> time of its last deferral (ms)
+--   KEYS[b+4]  resuming  ZSET  owner -> when it asked to resume (ms); resuming runs go first
+--   KEYS[b+5]  parked    ZSET  owner -> when it was first deferred (ms): handoff's line, FIFO
+--   KEYS[b+6]  woken     ZSET  owner -> when it was woken (ms): popped from the line, its message
+--                              re-published, its place reserved until it arrives
+--   KEYS[b+7]  messages  HASH  owner -> the parked or woken run's message (JSON); "#l" -> the
+--                              slot's limit when a run last parked (for the sweeper)
+-- then the conf HASHes that specs point at (KEYS[7n+1..]).
 --
 -- ARGV[1]  owner: the run's task id
 -- ARGV[2]  lease, ms
@@ -25,13 +30,24 @@
 --            {"alt": true, "l": 1}   only used as some slot's "a"; skipped otherwise
 -- ARGV[5]  index of the primary slot, where a deferral is recorded; 0 for none
 -- ARGV[6]  how long deferral records live, ms
--- ARGV[7]  "1" when the run resumes from wait_for: it only waits for runs that resumed earlier,
---          and it holds its place in each slot's resuming set while it is blocked
+-- ARGV[7]  who asks: "fresh" (a run that has not started), "resume" (back from wait_for: it
+--          waits only for runs that resumed earlier) or "woken" (a parked run the handoff woke:
+--          it waits for resuming runs and runs woken before it, never for fresh ones; if it is
+--          no longer listed as woken it is a duplicate copy and is turned away)
+-- ARGV[8]  the run's message (JSON) to park when it is blocked (handoff), or "" to not park
+-- ARGV[9]  when the run was first deferred (ms), its place in the parked line
 --
--- Returns {1, fence, "j1,j2,..."}  every slot was taken; fence only ever grows per primary slot;
---                                   the string lists the slots actually taken
---         {0, j, holder, limit}      slot j is full; holder is one owner in it ("" when only
---                                   resuming runs fill it); limit is its resolved limit
+-- Fresh runs never pass runs that are parked or woken on a slot: when such a slot has room
+-- (a wake was lost, or a holder's lease ran out), the fresh run wakes the oldest parked run
+-- instead of taking the room, and stands in line itself.
+--
+-- Returns {1, fence, "j1,j2,..."}         every slot was taken; fence only ever grows per primary
+--                                         slot; the string lists the slots actually taken
+--         {0, j, holder, limit, parked, wake...}
+--                                         slot j is full; holder is one owner in it ("" when it is
+--                                         reserved); parked is 1 when the run now waits in slot j's
+--                                         line; each wake is a woken run's message to publish
+--         {2}                             a woken run that is no longer woken: a duplicate copy
 
 local owner = ARGV[1]
 local lease = tonumber(ARGV[2])
@@ -39,26 +55,55 @@ local holder_json = ARGV[3]
 local specs = cjson.decode(ARGV[4])
 local primary = tonumber(ARGV[5])
 local memory = tonumber(ARGV[6])
-local resume = ARGV[7] == "1"
+local mode = ARGV[7]
+local message = ARGV[8]
+local first_deferred = tonumber(ARGV[9]) or 0
 
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local function extend(key, ms)
-  local left = redis.call("PTTL", key)
-  if left < ms then
-    redis.call("PEXPIRE", key, ms)
+local function key(j, i)
+  return KEYS[7 * j - 7 + i]
+end
+
+local function extend(k, ms)
+  if redis.call("PTTL", k) < ms then
+    redis.call("PEXPIRE", k, ms)
   end
 end
 
-local function prune(h, m, r)
+local function prune(j)
+  local h, m = key(j, 1), key(j, 2)
   local expired = redis.call("ZRANGEBYSCORE", h, "-inf", now)
   if #expired > 0 then
     redis.call("ZREMRANGEBYSCORE", h, "-inf", now)
     redis.call("HDEL", m, unpack(expired))
   end
   -- a resuming run that vanished must not hold its reservation for ever
-  redis.call("ZREMRANGEBYSCORE", r, "-inf", now - lease)
+  redis.call("ZREMRANGEBYSCORE", key(j, 4), "-inf", now - lease)
+  -- a woken run that never arrived (its message lost, and no sweeper for a whole lease)
+  -- goes back in line at its old place: parked runs are never dropped
+  local gone = redis.call("ZRANGEBYSCORE", key(j, 6), "-inf", now - lease)
+  for _, who in ipairs(gone) do
+    redis.call("ZREM", key(j, 6), who)
+    local msg = redis.call("HGET", key(j, 7), who)
+    local first = now
+    if msg then
+      first = tonumber(cjson.decode(msg)["first"]) or now
+    end
+    redis.call("ZADD", key(j, 5), "NX", first, who)
+  end
+end
+
+-- Pop the oldest parked run of slot j into the woken set; returns its message or nil.
+local function wake_one(j)
+  local head = redis.call("ZPOPMIN", key(j, 5))
+  if #head == 0 then
+    return nil
+  end
+  local who = head[1]
+  redis.call("ZADD", key(j, 6), now, who)
+  return redis.call("HGET", key(j, 7), who)
 end
 
 local n = #specs
@@ -101,32 +146,85 @@ if primary > 0 and limits[primary] == nil and specs[primary]["a"] then
   primary = specs[primary]["a"]
 end
 
+-- A woken run must still be listed as woken on some slot it needs; else it is a duplicate.
+if mode == "woken" then
+  local listed = false
+  for _, j in ipairs(used) do
+    if redis.call("ZSCORE", key(j, 6), owner) then
+      listed = true
+    end
+  end
+  if not listed then
+    return {2}
+  end
+end
+
 -- Check every slot before taking any.
 for _, j in ipairs(used) do
-  local h, m, r = KEYS[4 * j - 3], KEYS[4 * j - 2], KEYS[4 * j]
-  prune(h, m, r)
+  prune(j)
+  local h, r, p, v = key(j, 1), key(j, 4), key(j, 5), key(j, 6)
   local count = redis.call("ZCARD", h)
   local mine = redis.call("ZSCORE", h, owner)
   local ahead
-  if resume then
+  local line = 0
+  if mode == "resume" then
     redis.call("ZADD", r, "NX", now, owner)
     extend(r, lease)
-    local since = redis.call("ZSCORE", r, owner)
-    ahead = redis.call("ZCOUNT", r, "-inf", "(" .. since)
-  else
+    ahead = redis.call("ZCOUNT", r, "-inf", "(" .. redis.call("ZSCORE", r, owner))
+  elseif mode == "woken" then
     ahead = redis.call("ZCARD", r)
+    local since = redis.call("ZSCORE", v, owner)
+    if since then
+      ahead = ahead + redis.call("ZCOUNT", v, "-inf", "(" .. since)
+    else
+      ahead = ahead + redis.call("ZCARD", v)
+    end
+  else
+    ahead = redis.call("ZCARD", r) + redis.call("ZCARD", v)
+    line = redis.call("ZCARD", p)
+    if redis.call("ZSCORE", p, owner) then
+      line = line - 1  -- a redelivered copy of a parked run does not wait behind itself
+    end
   end
-  if mine or count + ahead >= limits[j] then
-    -- blocked: remember the deferral on the primary slot, for status and explain
-    if primary > 0 then
-      local pm, pd = KEYS[4 * primary - 2], KEYS[4 * primary - 1]
+  if mine or count + ahead >= limits[j] or line > 0 then
+    local wakes = {}
+    if not mine and line > 0 and count + ahead < limits[j] then
+      -- room that nobody in line was woken for: wake the oldest instead of passing it
+      local woke = wake_one(j)
+      if woke then
+        wakes[#wakes + 1] = woke
+      end
+    end
+    local holder = mine and owner or (redis.call("ZRANGE", h, 0, 0)[1] or "")
+    local parked = 0
+    if message ~= "" and not mine then
+      -- handoff: wait in this slot's line (keeping an earlier place), in Redis, not a worker
+      for _, k in ipairs(used) do
+        local off = redis.call("ZREM", key(k, 6), owner)
+        if k ~= j then
+          off = off + redis.call("ZREM", key(k, 5), owner)
+          if off > 0 then
+            redis.call("HDEL", key(k, 7), owner)
+          end
+        end
+      end
+      -- no expiry: Redis drops an empty line by itself, and a parked run must never vanish
+      redis.call("ZADD", p, "NX", first_deferred > 0 and first_deferred or now, owner)
+      redis.call("HSET", key(j, 7), owner, message, "#l", limits[j])
+      parked = 1
+      -- status lists it in the line; it is not also a countdown deferral
+      if primary > 0 and redis.call("ZREM", key(primary, 3), owner) == 1 then
+        redis.call("HDEL", key(primary, 2), "?" .. owner)
+      end
+    elseif primary > 0 then
+      -- a countdown deferral: remember it on the primary slot, for status and explain
+      local pm, pd = key(primary, 2), key(primary, 3)
       local rec = redis.call("HGET", pm, "?" .. owner)
       local first, times = now, 0
       if rec then
         local old = cjson.decode(rec)
         first, times = old["first"], old["n"]
       end
-      local holder = mine and owner or (redis.call("ZRANGE", h, 0, 0)[1] or "")
       redis.call("ZREMRANGEBYSCORE", pd, "-inf", now - memory)
       redis.call("ZADD", pd, now, owner)
       redis.call("HSET", pm, "?" .. owner, cjson.encode({
@@ -136,23 +234,30 @@ for _, j in ipairs(used) do
       extend(pd, memory)
       extend(pm, memory)
     end
-    local holder = mine and owner or (redis.call("ZRANGE", h, 0, 0)[1] or "")
-    return {0, j, holder, limits[j]}
+    local reply = {0, j, holder, limits[j], parked}
+    for _, w in ipairs(wakes) do
+      reply[#reply + 1] = w
+    end
+    return reply
   end
 end
 
 -- Take them all.
-local fence = 0
 local taken = {}
 for _, j in ipairs(used) do
-  local h, m, d, r = KEYS[4 * j - 3], KEYS[4 * j - 2], KEYS[4 * j - 1], KEYS[4 * j]
+  local h, m = key(j, 1), key(j, 2)
   redis.call("ZADD", h, now + lease, owner)
   redis.call("HSET", m, owner, holder_json)
-  if redis.call("ZREM", d, owner) == 1 then
+  if redis.call("ZREM", key(j, 3), owner) == 1 then
     redis.call("HDEL", m, "?" .. owner)
   end
-  if resume then
-    redis.call("ZREM", r, owner)
+  if mode == "resume" then
+    redis.call("ZREM", key(j, 4), owner)
+  end
+  -- no longer woken or parked anywhere (also drops a stale copy's place in line)
+  local off = redis.call("ZREM", key(j, 6), owner) + redis.call("ZREM", key(j, 5), owner)
+  if off > 0 then
+    redis.call("HDEL", key(j, 7), owner)
   end
   extend(h, lease)
   extend(m, lease)
@@ -161,12 +266,13 @@ end
 
 -- The fence lives on the primary slot (else the last slot taken): it only ever grows
 -- there, and falls back to server time when the slot's state has expired.
+local fence = 0
 local fj = primary
 if fj == 0 or limits[fj] == nil then
   fj = used[#used]
 end
 if fj ~= nil then
-  local m = KEYS[4 * fj - 2]
+  local m = key(fj, 2)
   fence = math.max((tonumber(redis.call("HGET", m, "#f")) or 0) + 1, now)
   redis.call("HSET", m, "#f", fence)
 end

@@ -36,7 +36,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--contacts", type=int, default=500, help="enrichment jobs to fan out")
-    parser.add_argument("--deferral", choices=("countdown", "handoff"), default="countdown")
+    parser.add_argument("--deferral", choices=("countdown", "handoff"), default="handoff")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, from: {', '.join(SCENARIOS)}")
     parser.add_argument("--countdown", type=float, default=1.0)
