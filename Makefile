@@ -37,10 +37,11 @@ demo: $(STAMP)
 	$(BIN)/python -m ckeys_example.demo
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/run_all.py
 
 chaos: $(STAMP)
-	$(BIN)/python -m pytest tests/test_chaos.py -m chaos --chaos-runs=10000 -p no:randomly
+	$(BIN)/python -m pytest tests/test_chaos.py -m chaos --chaos-runs=10000 --timeout=1800 -s
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -1,78 +1,57 @@
-"""Benchmark (a): uncontended keyed runs against plain Celery, in the same run.
+"""(a) and (f): uncontended runs, keyed against plain Celery and the peer packages.
 
-800 no-op runs of a plain task, then of the same body on ``KeyedTask`` with a distinct
-key per run (so nothing is ever contended), on one prefork worker. Reports wall time
-from first publish to last result, and the ratio keyed / plain (goal: <= 1.10).
-Rounds alternate so that drift on the machine hits both cases alike.
+800 no-op runs per case on one prefork worker (2 processes), every run with a key of its
+own so nothing is ever contended. Cases alternate round by round so that drift on the
+machine hits them alike; each case's time is its median round. Wall time runs from the
+first publish to the last result.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
+from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from common import Worker, machine
-
-from celery_ckeys.embedded import RedisServer
+from common import World
 
 
-def run(runs: int, rounds: int) -> dict[str, float]:
-    server = RedisServer().start()
-    environ = {"BENCH_BROKER": f"{server.url}/1", "BENCH_REDIS": f"{server.url}/0",
-               "BENCH_NS": "bench-a", "BENCH_PREFETCH": "4"}
-    import os
-    os.environ.update(environ)
-    import benchapp
+def cases(world: World) -> dict[str, Callable[[int, int], Any]]:
+    m = world.module
+    found: dict[str, Callable[[int, int], Any]] = {
+        "plain Celery": lambda rnd, i: m.plain.apply_async((i,)),
+        "celery_ckeys KeyedTask": lambda rnd, i: m.keyed.apply_async(
+            (i,), concurrency_key=f"r{rnd}:{i}"),
+    }
+    if m.once is not None:
+        found["celery-once QueueOnce"] = lambda rnd, i: m.once.apply_async((rnd * 100000 + i,))
+    if m.singleton is not None:
+        found["celery-singleton Singleton"] = lambda rnd, i: m.singleton.apply_async((rnd * 100000 + i,))
+    return found
 
-    app = benchapp.app
-    app.conf.broker_url = environ["BENCH_BROKER"]
-    app.conf.result_backend = environ["BENCH_BROKER"]
-    app.conf.ckeys_redis_url = environ["BENCH_REDIS"]
-    worker = Worker("benchapp", environ, concurrency=2)
+
+def run(runs: int = 800, rounds: int = 5) -> dict[str, Any]:
+    world = World()
     try:
-        worker.wait_ready(app)
-        times: dict[str, list[float]] = {"plain": [], "keyed": []}
-        # warm-up
-        for r in [benchapp.plain.delay(0) for _ in range(50)]:
-            r.get(timeout=60)
-        for r in [benchapp.keyed.apply_async((0,), concurrency_key=f"w{i}") for i in range(50)]:
-            r.get(timeout=60)
+        world.start_workers(count=1, concurrency=2)
+        todo = cases(world)
+        for publish in todo.values():  # warm-up: imports, connections, script cache
+            for r in [publish(99, i) for i in range(50)]:
+                r.get(timeout=60)
+        times: dict[str, list[float]] = {name: [] for name in todo}
         for rnd in range(rounds):
-            for case in ("plain", "keyed"):
+            for name, publish in todo.items():
                 start = time.perf_counter()
-                if case == "plain":
-                    results = [benchapp.plain.delay(i) for i in range(runs)]
-                else:
-                    results = [benchapp.keyed.apply_async((i,), concurrency_key=f"r{rnd}:{i}")
-                               for i in range(runs)]
+                results = [publish(rnd, i) for i in range(runs)]
                 for r in results:
-                    r.get(timeout=120)
-                times[case].append(time.perf_counter() - start)
-        plain_t = statistics.median(times["plain"])
-        keyed_t = statistics.median(times["keyed"])
-        return {"plain_s": plain_t, "keyed_s": keyed_t, "ratio": keyed_t / plain_t}
+                    r.get(timeout=300)
+                times[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        base = medians["plain Celery"]
+        return {"runs": runs, "rounds": rounds, "seconds": medians,
+                "ratio": {name: t / base for name, t in medians.items()}}
     finally:
-        worker.stop()
-        server.stop()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=800)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    result = run(args.runs, args.rounds)
-    print(f"machine: {machine()}")
-    print(f"{args.runs} no-op runs, median of {args.rounds} rounds")
-    print(f"plain Celery : {result['plain_s']:.3f} s")
-    print(f"KeyedTask    : {result['keyed_s']:.3f} s")
-    print(f"ratio        : {result['ratio']:.3f} (goal <= 1.10)")
+        world.close()
 
 
 if __name__ == "__main__":
-    main()
+    print(run())
