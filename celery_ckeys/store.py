@@ -226,6 +226,10 @@ class Store:
         """
         from redis.exceptions import NoScriptError
 
+        if self.stepwise:
+            # redis-py's cluster pipeline refuses scripts; each call is one round trip here
+            return [self.call(name, keys, args) for name, keys, args in calls]
+
         def _do(client: Any) -> list[Any]:
             pipe = client.pipeline(transaction=False)
             for name, keys, args in calls:
@@ -477,8 +481,15 @@ class Store:
         self.guarded(lambda c: c.eval(
             "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000);"
             " local due = now + tonumber(ARGV[2]); local old = redis.call('ZSCORE', KEYS[1], ARGV[1]);"
-            " if not old or tonumber(old) > due then redis.call('ZADD', KEYS[1], due, ARGV[1]) end",
-            1, key, tag, due_in))
+            " if not old or tonumber(old) > due then redis.call('ZADD', KEYS[1], due, ARGV[1]) end;"
+            " redis.call('PEXPIRE', KEYS[1], ARGV[3])",
+            1, key, tag, due_in, self._lines_ttl_ms))
+
+    @property
+    def _lines_ttl_ms(self) -> int:
+        # refreshed by every park and sweep; outlives the longest gap between two sweeps of
+        # a live line, so only an index nobody uses any more expires
+        return int(2 * self.config.retry_countdown * 1000) + 900_000
 
     def due_lines(self, most: int = 100) -> list[tuple[str, float]]:
         """Slots whose line is due for a sweep now, with the due time the index holds."""
@@ -502,8 +513,9 @@ class Store:
             "local old = redis.call('ZSCORE', KEYS[1], ARGV[1]);"
             " if old and tonumber(old) == tonumber(ARGV[2]) then"
             "   if tonumber(ARGV[3]) < 0 then redis.call('ZREM', KEYS[1], ARGV[1])"
-            "   else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end end",
-            1, key, tag, repr(seen_due), due))
+            "   else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end end;"
+            " if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end",
+            1, key, tag, repr(seen_due), due, self._lines_ttl_ms))
 
     def sweep(self, tag: str, *, most: int = 100) -> int:
         """``sweep.lua`` on one slot; publishes what it wakes; returns the next due time (ms)."""

@@ -311,12 +311,12 @@ class BlockedRegistry:
         import json
 
         def _read(client: Any) -> list[Any]:
+            # one tag (the namespace's workers), so this pipeline is fine under Cluster too
             pipe = client.pipeline(transaction=False)
-            pipe.time()
             pipe.hgetall(self.registry)
             pipe.zrange(self.blocked, 0, -1, withscores=True)
             pipe.hgetall(self.where)
-            return list(pipe.execute())
+            return [client.time(), *pipe.execute()]
 
         (sec, usec), workers, blocked, where = self.store.guarded(_read)
         now_ms = int(sec) * 1000 + int(usec) // 1000

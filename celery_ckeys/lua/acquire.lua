@@ -11,7 +11,9 @@
 --   KEYS[b+6]  woken     ZSET  owner -> when it was woken (ms): popped from the line, its message
 --                              re-published, its place reserved until it arrives
 --   KEYS[b+7]  messages  HASH  owner -> the parked or woken run's message (JSON); "#l" -> the
---                              slot's limit when a run last parked (for the sweeper)
+--                              slot's limit when a run last parked (for the sweeper);
+--                              "~"..owner -> when a woken run claimed its place (cleared by its
+--                              normal release; lets a redelivery of a copy that died go ahead)
 -- then the conf HASHes that specs point at (KEYS[7n+1..]).
 --
 -- ARGV[1]  owner: the run's task id
@@ -33,7 +35,8 @@
 -- ARGV[7]  who asks: "fresh" (a run that has not started), "resume" (back from wait_for: it
 --          waits only for runs that resumed earlier) or "woken" (a parked run the handoff woke:
 --          it waits for resuming runs and runs woken before it, never for fresh ones; if it is
---          no longer listed as woken it is a duplicate copy and is turned away)
+--          no longer listed as woken, and no claim of it survives a copy that died, it is a
+--          duplicate copy and is turned away)
 -- ARGV[8]  the run's message (JSON) to park when it is blocked (handoff), or "" to not park
 -- ARGV[9]  when the run was first deferred (ms), its place in the parked line
 --
@@ -72,12 +75,17 @@ local function extend(k, ms)
   end
 end
 
+-- Drop expired holders; returns whether the slot has reservations or a line (resuming,
+-- parked or woken runs). Most slots have none, and then one EXISTS answers for all three.
 local function prune(j)
   local h, m = key(j, 1), key(j, 2)
-  local expired = redis.call("ZRANGEBYSCORE", h, "-inf", now)
-  if #expired > 0 then
+  if redis.call("ZCOUNT", h, "-inf", now) > 0 then
+    local expired = redis.call("ZRANGEBYSCORE", h, "-inf", now)
     redis.call("ZREMRANGEBYSCORE", h, "-inf", now)
     redis.call("HDEL", m, unpack(expired))
+  end
+  if redis.call("EXISTS", key(j, 4), key(j, 5), key(j, 6)) == 0 then
+    return false
   end
   -- a resuming run that vanished must not hold its reservation for ever
   redis.call("ZREMRANGEBYSCORE", key(j, 4), "-inf", now - lease)
@@ -93,6 +101,7 @@ local function prune(j)
     end
     redis.call("ZADD", key(j, 5), "NX", first, who)
   end
+  return true
 end
 
 -- Pop the oldest parked run of slot j into the woken set; returns its message or nil.
@@ -147,27 +156,39 @@ if primary > 0 and limits[primary] == nil and specs[primary]["a"] then
 end
 
 -- A woken run must still be listed as woken on some slot it needs; else it is a duplicate.
+-- A woken run may also come back after the copy that claimed its place died mid-body
+-- (Celery redelivers it): the claim ("~"..owner in messages) stays until a normal release,
+-- so that copy may go ahead as long as nobody holds the slots in its name.
 if mode == "woken" then
-  local listed = false
+  local listed, claimed, running = false, false, false
   for _, j in ipairs(used) do
     if redis.call("ZSCORE", key(j, 6), owner) then
       listed = true
     end
+    if redis.call("HEXISTS", key(j, 7), "~" .. owner) == 1 then
+      claimed = true
+    end
+    if redis.call("ZSCORE", key(j, 1), owner) then
+      running = true
+    end
   end
-  if not listed then
+  if not listed and (running or not claimed) then
     return {2}
   end
 end
 
 -- Check every slot before taking any.
+local queued = {}
 for _, j in ipairs(used) do
-  prune(j)
+  queued[j] = prune(j)
   local h, r, p, v = key(j, 1), key(j, 4), key(j, 5), key(j, 6)
   local count = redis.call("ZCARD", h)
   local mine = redis.call("ZSCORE", h, owner)
-  local ahead
+  local ahead = 0
   local line = 0
-  if mode == "resume" then
+  if mode ~= "resume" and not queued[j] then
+    -- nobody resuming, parked or woken here: only the holders count
+  elseif mode == "resume" then
     redis.call("ZADD", r, "NX", now, owner)
     extend(r, lease)
     ahead = redis.call("ZCOUNT", r, "-inf", "(" .. redis.call("ZSCORE", r, owner))
@@ -254,10 +275,16 @@ for _, j in ipairs(used) do
   if mode == "resume" then
     redis.call("ZREM", key(j, 4), owner)
   end
-  -- no longer woken or parked anywhere (also drops a stale copy's place in line)
-  local off = redis.call("ZREM", key(j, 6), owner) + redis.call("ZREM", key(j, 5), owner)
-  if off > 0 then
-    redis.call("HDEL", key(j, 7), owner)
+  if queued[j] or mode ~= "fresh" then
+    -- no longer woken or parked anywhere (also drops a stale copy's place in line)
+    local off = redis.call("ZREM", key(j, 6), owner) + redis.call("ZREM", key(j, 5), owner)
+    if off > 0 then
+      redis.call("HDEL", key(j, 7), owner)
+    end
+    if mode == "woken" then
+      -- the claim: a redelivery of this woken run may still come if this copy dies
+      redis.call("HSET", key(j, 7), "~" .. owner, now)
+    end
   end
   extend(h, lease)
   extend(m, lease)

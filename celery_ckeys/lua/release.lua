@@ -40,6 +40,11 @@ for j = 1, #KEYS / 7 do
       ok = (tostring(info["w"]) .. "\n" .. tostring(info["p"])) == only
     end
   end
+  if only == "" then
+    -- a normal end: a woken run's claim is settled (a worker-lost release keeps it, so the
+    -- redelivered copy may go ahead)
+    redis.call("HDEL", msgs, "~" .. owner)
+  end
   if ok and redis.call("ZREM", h, owner) == 1 then
     redis.call("HDEL", m, owner)
     released = released + 1

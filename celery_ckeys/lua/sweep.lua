@@ -13,7 +13,8 @@
 --
 -- KEYS[1]  parked    ZSET  owner -> first deferral (ms)
 -- KEYS[2]  woken     ZSET  owner -> when it was woken (ms)
--- KEYS[3]  messages  HASH  owner -> message JSON; "#l" -> the slot's limit when a run last parked
+-- KEYS[3]  messages  HASH  owner -> message JSON; "#l" -> the slot's limit when a run last parked;
+--                            "~"..owner -> a woken run's claim (forgotten after 5 minutes)
 -- KEYS[4]  holders   ZSET  owner -> lease expiry (ms)
 -- ARGV[1]  claim window, ms
 -- ARGV[2]  countdown, ms
@@ -69,6 +70,19 @@ while room > 0 do
     room = room - 1
   end
 end
+-- claims whose run never came back (its message was not redelivered) are forgotten
+local fields = redis.call("HKEYS", KEYS[3])
+for _, f in ipairs(fields) do
+  if string.sub(f, 1, 1) == "~" then
+    local at = tonumber(redis.call("HGET", KEYS[3], f)) or 0
+    if at < now - 300000 then
+      redis.call("HDEL", KEYS[3], f)
+    else
+      soonest(at + 300000)
+    end
+  end
+end
+
 if redis.call("ZCARD", KEYS[1]) > 0 then
   soonest(now + countdown)
 elseif redis.call("ZCARD", KEYS[2]) == 0 then
