@@ -48,6 +48,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         time.sleep(interval)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--chaos-runs", type=int, default=600,
+                     help="runs in the chaos test (make chaos uses 10000)")
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer(extra=["--databases", "4096"]).start()
@@ -133,7 +138,7 @@ class Workers:
 
 class Env:
     def __init__(self, server: RedisServer, tmp: Path, test_name: str,
-                 coordination: Optional[RedisServer] = None) -> None:
+                 coordination: Optional[RedisServer] = None, redis_url: Optional[str] = None) -> None:
         self.server = server
         self.tmp = tmp
         self.db = next(_db_numbers)
@@ -141,13 +146,20 @@ class Env:
         self.namespace = f"t{self.db}-{slug}"
         self.broker = f"{server.url}/{self.db}"
         self.coordination = coordination or server
+        self._redis_url = redis_url
         self.conf: dict[str, Any] = {}
         self._apps: list[Any] = []
         self.groups: list[Workers] = []
 
     @property
     def redis_url(self) -> str:
-        return f"{self.coordination.url}/0"
+        """The coordination Redis (a cluster node, a sentinel URL... when given)."""
+        return self._redis_url or f"{self.coordination.url}/0"
+
+    @property
+    def probe_url(self) -> str:
+        """A plain Redis the task bodies report to (the coordination one unless that is exotic)."""
+        return f"{self.coordination.url}/0" if self._redis_url is None else f"{self.server.url}/0"
 
     def configure(self, **conf: Any) -> Env:
         self.conf.update(conf)
@@ -157,12 +169,13 @@ class Env:
         return {
             "CKT_BROKER": self.broker, "CKT_BACKEND": self.broker, "CKT_REDIS": self.redis_url,
             "CKT_NS": self.namespace, "CKT_CONF": json.dumps({**self.conf, **conf}),
+            "CKT_PROBE": self.probe_url,
             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
         }
 
     def app(self, **conf: Any) -> Any:
         app = workerapp.make_app(self.broker, self.broker, self.redis_url, self.namespace,
-                                 {**self.conf, **conf})
+                                 {**self.conf, **conf}, probe_url=self.probe_url)
         self._apps.append(app)
         return app
 
@@ -176,7 +189,15 @@ class Env:
     # -- observation ------------------------------------------------------------
     @property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+        """The probe's Redis (and the coordination one, unless that is a cluster or sentinel)."""
+        return redis.Redis.from_url(self.probe_url, decode_responses=True)
+
+    def coord(self) -> Any:
+        """A client of the coordination Redis, whatever its topology."""
+        from celery_ckeys.config import get_config
+        from celery_ckeys.store import store_for
+
+        return store_for(get_config(self.app())).client
 
     def max(self, label: str) -> int:
         return int(self.redis.hget(f"probe:{self.namespace}:max", label) or 0)
@@ -192,10 +213,8 @@ class Env:
         return Names(self.namespace)
 
     def holders(self, tag: str) -> list[str]:
-        return list(self.redis.zrange(Names.redis_key(tag, "h"), 0, -1))
-
-    def state_keys(self) -> list[str]:
-        return sorted(self.redis.scan_iter(match=self.names.scan_pattern(), count=1000))
+        raw = self.coord().zrange(Names.redis_key(tag, "h"), 0, -1)
+        return [x.decode() if isinstance(x, bytes) else x for x in raw]
 
     def broker_length(self, queue: str = "celery") -> int:
         return int(redis.Redis.from_url(self.broker).llen(queue))

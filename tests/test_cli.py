@@ -34,7 +34,7 @@ def test_status_shows_holders_and_deferred_runs_as_they_are(env: Env) -> None:
     env.workers(count=2, concurrency=4)
     work = env.app().tasks["ckt.work"]
     paid = {"name": "paid-users", "limit": 2}
-    holders = [work.apply_async((["x"], 4.0), concurrency_queue=paid, concurrency_key="alice",
+    holders = [work.apply_async((["x"], 12.0), concurrency_queue=paid, concurrency_key="alice",
                                 tags=["plan:paid"]) for _ in range(2)]
     wait_until(lambda: len(env.holders(env.names.partition("paid-users", "alice"))) == 2, 30,
                message="two holders")

@@ -248,3 +248,19 @@ def test_signals_report_acquired_deferred_and_released(env: Env) -> None:
     assert by_name["run_deferred"][0]["holder"] == holder.id
     assert by_name["run_deferred"][0]["blocked_by"] == "key sig"
     assert {e["task_id"] for e in by_name["slots_released"]} == {holder.id, waiter.id}
+
+
+def test_each_holder_of_a_key_gets_a_larger_fencing_token(env: Env) -> None:
+    """self.request.ckeys_fence only ever grows per key, so a downstream store can refuse a
+    write from a holder whose lease has run out (a newer holder has a larger token)."""
+    env.workers(count=2, concurrency=2)
+    work = env.app().tasks["ckt.work"]
+    results = [work.apply_async((["fence"], 0.05), concurrency_key="fence") for _ in range(6)]
+    outs = [r.get(timeout=60) for r in results]
+    by_start = {e["id"]: i for i, e in enumerate(env.events("start"))}
+    fences = [o["fence"] for o in sorted(outs, key=lambda o: by_start[o["id"]])]
+    assert fences == sorted(fences) and len(set(fences)) == len(fences)
+    # and it survives the key's state expiring: the token falls back to server time
+    env.redis.delete(f"ckeys:{{{env.names.key('fence')}}}:m")
+    later = work.apply_async((["fence"], 0.0), concurrency_key="fence").get(timeout=60)
+    assert later["fence"] > fences[-1]

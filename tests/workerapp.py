@@ -63,7 +63,7 @@ class Probe:
 
 
 def make_app(broker: str, backend: str, redis_url: str, namespace: str,
-             conf: Optional[dict[str, Any]] = None) -> Celery:
+             conf: Optional[dict[str, Any]] = None, probe_url: Optional[str] = None) -> Celery:
     app = Celery("ckt", broker=broker, backend=backend, set_as_current=False)
     app.conf.update(
         ckeys_redis_url=redis_url,
@@ -75,7 +75,7 @@ def make_app(broker: str, backend: str, redis_url: str, namespace: str,
         task_track_started=False,
     )
     app.conf.update(conf or {})
-    probe = Probe(redis_url, namespace)
+    probe = Probe(probe_url or redis_url, namespace)
     register(app, probe)
     return app
 
@@ -235,6 +235,18 @@ def register(app: Celery, probe: Probe) -> None:
             sub = work.apply_async(([f"child-of:{self.request.id}"], 0.0))
         return sub.id
 
+    # -- chaos: a journal that survives a coordination Redis restart ----------
+    journal = redis.Redis.from_url(os.environ.get("CKT_JOURNAL") or app.conf.broker_url)
+
+    @task(bind=True, base=KeyedTask, name="ckt.chaos")
+    def chaos(self: Any, labels: list[str], duration: float) -> str:
+        key = f"journal:{app.conf.ckeys_namespace}"
+        info = {"id": self.request.id, "pid": os.getpid(), "labels": labels}
+        journal.rpush(key, json.dumps({"ev": "start", "t": time.time(), **info}))
+        time.sleep(duration)
+        journal.rpush(key, json.dumps({"ev": "end", "t": time.time(), **info}))
+        return "ok"
+
     # -- signals: the worker reports them to the probe ------------------------
     def report(name: str) -> Any:
         def receiver(sender: Any = None, **kw: Any) -> None:
@@ -251,7 +263,8 @@ def _from_env() -> Optional[Celery]:
     if "CKT_BROKER" not in os.environ:
         return None
     return make_app(os.environ["CKT_BROKER"], os.environ["CKT_BACKEND"], os.environ["CKT_REDIS"],
-                    os.environ["CKT_NS"], json.loads(os.environ.get("CKT_CONF", "{}")))
+                    os.environ["CKT_NS"], json.loads(os.environ.get("CKT_CONF", "{}")),
+                    probe_url=os.environ.get("CKT_PROBE"))
 
 
 app = _from_env()
