@@ -455,19 +455,29 @@ class Store:
         return counts
 
     def wait_op(self, op: str, tags: Sequence[str], owner: str) -> int:
-        """``wait.lua``: ``step-out``, ``ready`` or ``leave`` for the slots named by ``tags``."""
-        groups = [[tag] for tag in tags] if self.stepwise else [list(tags)]
-        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
-        for group in groups:
-            keys = [Names.redis_key(tag, role) for tag in group
-                    for role in (HOLDERS, WAITING, RESUMING, WAKE, META, PARKED, WOKEN, MESSAGES)]
-            if keys:
-                calls.append(("wait", keys, (op, owner, self.config.lock_ttl_ms)))
+        """``wait.lua``: ``enter``, ``ready`` or ``leave`` for the slots named by ``tags``."""
+        calls = self._wait_calls(op, tags, owner)
         if not calls:
             return 0
         replies = [self.call(*calls[0])] if len(calls) == 1 else self.pipeline(calls)
-        self.publish_wakes([_text(w) for reply in replies for w in reply[1:]])
         return sum(int(reply[0]) for reply in replies)
+
+    def _wait_calls(self, op: str, tags: Sequence[str],
+                    owner: str) -> list[tuple[str, Sequence[str], Sequence[Any]]]:
+        groups = [[tag] for tag in tags] if self.stepwise else [list(tags)]
+        return [("wait", [Names.redis_key(tag, role) for tag in group
+                          for role in (HOLDERS, WAITING, RESUMING, META)],
+                 (op, owner, self.config.lock_ttl_ms)) for group in groups if group]
+
+    def step_out(self, slots: Sequence[Slot], owner: str) -> None:
+        """Give the slots back to wait, staying listed as waiting on them (one round trip)."""
+        tags = [slot.tag for slot in slots]
+        calls = self._wait_calls("enter", tags, owner)
+        groups = [[slot] for slot in slots] if self.stepwise else [list(slots)]
+        calls += [("release", _release_keys(group), (owner, "")) for group in groups]
+        replies = self.pipeline(calls)
+        self.publish_wakes([_text(w) for reply in replies[len(calls) - len(groups):]
+                            for w in reply[1:]])
 
     # -- the handoff's sweep index: slots with a line, by when they next need a sweep ----
     @property

@@ -5,9 +5,10 @@
 1. checks for a recursive-wait deadlock: when the child would run on the caller's own
    queue or partition, the waiting ancestors already there plus the caller must not
    exceed its limit (:class:`RecursiveWaitDeadlock`, raised before anything is published);
-2. steps out of every slot the run holds (``wait.lua``): they are free for other runs,
-   the child among them, and the run is listed as waiting, its place renewed by the
-   heartbeat so nothing it needs to resume expires;
+2. steps out of every slot the run holds (``release.lua``, in the same round trip as
+   ``wait.lua`` listing it as waiting): they are free for other runs, the child among
+   them, and its place as a waiter is renewed by the heartbeat so nothing it needs to
+   resume expires;
 3. publishes the child with the chain of waiting ancestors and a note of who waits;
 4. blocks until the child is ready, without Celery's "never call result.get() within a
    task" guard (lifted for this call only, with ``disable_sync_subtasks=False``), and
@@ -163,7 +164,7 @@ class _Wait:
             return None
         holding = self.active.holding
         heartbeat.remove(holding)
-        self.store.wait_op("step-out", tags, self.request.id)
+        self.store.step_out(holding.slots, self.request.id)
         waiting = Holding(store=self.store, owner=self.request.id, task_name=self.task.name,
                           slots=holding.slots, role=WAITING)
         heartbeat.add(waiting)

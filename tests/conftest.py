@@ -237,6 +237,26 @@ def env(redis_server: RedisServer, tmp_path: Path, request: pytest.FixtureReques
     world.close()
 
 
+@pytest.fixture
+def own_redis_env(redis_server: RedisServer, tmp_path: Path,
+                  request: pytest.FixtureRequest) -> Iterator[Callable[..., Env]]:
+    """Make a world whose coordination Redis is a server of its own (to stop, restart or
+    run with AOF), beside the shared broker."""
+    made: list[tuple[Env, RedisServer]] = []
+
+    def make(*, appendonly: bool = False) -> Env:
+        coordination = RedisServer(appendonly=appendonly,
+                                   directory=str(tmp_path / f"coordination{len(made)}")).start()
+        world = Env(redis_server, tmp_path, request.node.name, coordination=coordination)
+        made.append((world, coordination))
+        return world
+
+    yield make
+    for world, coordination in made:
+        world.close()
+        coordination.stop()
+
+
 @pytest.fixture(scope="module")
 def module_env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory,
                request: pytest.FixtureRequest) -> Iterator[Env]:

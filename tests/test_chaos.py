@@ -15,27 +15,16 @@ import random
 import signal
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import redis
 from chaos_check import check, executions
 from conftest import Env, Workers, wait_until
 
-from celery_ckeys.embedded import RedisServer
 from celery_ckeys.naming import Names
 
 QUEUE_LIMITS = {f"cq{i}": i for i in range(1, 6)}
-
-
-@pytest.fixture
-def chaos_env(redis_server: RedisServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
-    coordination = RedisServer(appendonly=True, directory=str(tmp_path / "coord")).start()
-    world = Env(redis_server, tmp_path, request.node.name, coordination=coordination)
-    yield world
-    world.close()
-    coordination.stop()
 
 
 class Chaos(threading.Thread):
@@ -100,8 +89,8 @@ class Chaos(threading.Thread):
 
 @pytest.mark.chaos
 @pytest.mark.parametrize("deferral", ["handoff"])
-def test_chaos(chaos_env: Env, request: pytest.FixtureRequest, deferral: str) -> None:
-    env = chaos_env
+def test_chaos(own_redis_env: Callable[..., Env], request: pytest.FixtureRequest, deferral: str) -> None:
+    env = own_redis_env(appendonly=True)
     total = int(request.config.getoption("--chaos-runs"))
     keys = max(10, total // 10)
     env.configure(ckeys_deferral=deferral, ckeys_retry_countdown=1.0, ckeys_lock_ttl=10,

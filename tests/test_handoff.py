@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
-import pytest
 from conftest import Env, wait_until
 
 from celery_ckeys.config import get_config
-from celery_ckeys.embedded import RedisServer
 from celery_ckeys.introspect import explain, status
 from celery_ckeys.store import Store, store_for
 
@@ -125,39 +122,8 @@ def test_a_holder_whose_whole_worker_is_killed_strands_nobody(env: Env) -> None:
         assert r.get(timeout=60)["slots"] == ["key kill"]
 
 
-def test_waiters_resume_before_parked_runs(env: Env) -> None:
-    env.configure(**HANDOFF)
-    env.workers(count=2, concurrency=4)
-    app = env.app()
-    work = app.tasks["ckt.work"]
-    prio = {"concurrency_queue": {"name": "prio", "limit": 1}}
-    parent = app.tasks["ckt.parent"].apply_async((["prio"], ["kid"], {}),
-                                                 {"child_duration": 1.0}, **prio)
-    wait_until(lambda: any(e["ev"] == "wait" and e["id"] == parent.id for e in env.log()), 30,
-               message="the parent to wait")
-    blocker = work.apply_async((["prio"], 2.5), **prio)
-    wait_until(lambda: env.holders(env.names.queue("prio")) == [blocker.id], 30, message="blocker")
-    others = [work.apply_async((["prio"], 0.0), **prio) for _ in range(3)]
-    wait_until(lambda: len(parked(env, env.names.queue("prio"))) == 3, 30, message="three parked")
-    parent.get(timeout=60)
-    for r in others:
-        r.get(timeout=60)
-    starts = [(e["id"], e.get("phase")) for e in env.events("start")]
-    resumed = starts.index((parent.id, "after"))
-    assert all(resumed < starts.index((r.id, None)) for r in others)
-
-
-@pytest.fixture
-def aof_env(redis_server: RedisServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
-    coordination = RedisServer(appendonly=True, directory=str(tmp_path / "aof")).start()
-    world = Env(redis_server, tmp_path, request.node.name, coordination=coordination)
-    yield world
-    world.close()
-    coordination.stop()
-
-
-def test_nothing_parked_is_lost_when_redis_restarts_with_aof(aof_env: Env) -> None:
-    env = aof_env
+def test_nothing_parked_is_lost_when_redis_restarts_with_aof(own_redis_env: Callable[..., Env]) -> None:
+    env = own_redis_env(appendonly=True)
     env.configure(**HANDOFF)
     env.workers(count=1, concurrency=4)
     work = env.app().tasks["ckt.work"]

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Callable
 
-import pytest
 from conftest import Env, wait_until
 
-from celery_ckeys.embedded import RedisServer
 
-
-@pytest.fixture
-def split_env(redis_server: RedisServer, tmp_path: Path, request: pytest.FixtureRequest):
-    coordination = RedisServer().start()
-    world = Env(redis_server, tmp_path, request.node.name, coordination=coordination)
-    yield world
-    world.close()
-    coordination.stop()
-
-
-def test_runs_wait_while_redis_is_down_and_all_complete_when_it_returns(split_env: Env) -> None:
-    env = split_env
+def test_runs_wait_while_redis_is_down_and_all_complete_when_it_returns(
+        own_redis_env: Callable[..., Env]) -> None:
+    env = own_redis_env()
     workers = env.workers(count=2, concurrency=2)
     app = env.app()
     work = app.tasks["ckt.work"]

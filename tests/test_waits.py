@@ -86,7 +86,11 @@ def test_pool_starvation_raises_instead_of_hanging(env: Env, pool: str) -> None:
         result.get(timeout=60)
 
 
-def test_a_resuming_parent_goes_before_runs_already_deferred(env: Env) -> None:
+@pytest.mark.parametrize("deferral", ["countdown", "handoff"])
+def test_a_resuming_parent_goes_before_runs_already_deferred(env: Env, deferral: str) -> None:
+    """The parent's child ends while another run holds the queue and three runs wait (as
+    countdown messages, or parked in line): the parent still starts again before them."""
+    env.configure(ckeys_deferral=deferral, ckeys_retry_countdown=0.3 if deferral == "countdown" else 1.0)
     env.workers(count=2, concurrency=4)
     app = env.app()
     work = app.tasks["ckt.work"]
@@ -99,8 +103,9 @@ def test_a_resuming_parent_goes_before_runs_already_deferred(env: Env) -> None:
     wait_until(lambda: env.holders(env.names.queue("prio")) == [blocker.id], 30,
                message="another run to take the slot")
     others = [work.apply_async((["prio"], 0.0), **prio) for _ in range(3)]
-    wait_until(lambda: len({e["task_id"] for e in env.events("signal")
-                            if e["name"] == "run_deferred"}) >= 3, 30, message="deferrals")
+    wait_until(lambda: {r.id for r in others} <= {e["task_id"] for e in env.events("signal")
+                                                 if e["name"] == "run_deferred"}, 30,
+               message="the three to be deferred")
     parent.get(timeout=60)
     for r in others:
         r.get(timeout=60)
