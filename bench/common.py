@@ -88,7 +88,7 @@ class Worker:
         self.name = f"bench-{uuid.uuid4().hex[:6]}@bench"
         cmd = [sys.executable, "-m", "celery", "-A", "benchapp", "worker", "-P", pool,
                "-c", str(concurrency), "-n", self.name, "--without-mingle", "--without-gossip",
-               "--without-heartbeat", "-l", "WARNING"]
+               "--without-heartbeat", "-l", environ.get("BENCH_LOGLEVEL", "WARNING")]
         out = log.open("wb") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, cwd=str(BENCH),
                                      env={**os.environ, **environ, "PYTHONPATH": str(BENCH)},

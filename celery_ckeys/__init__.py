@@ -24,7 +24,6 @@ from .errors import (
     InvalidTags,
     MalformedHeader,
     RecursiveWaitDeadlock,
-    WaitError,
     WaitStarvation,
 )
 from .publish import install
@@ -46,7 +45,6 @@ __all__ = [
     "KeyedTask",
     "MalformedHeader",
     "RecursiveWaitDeadlock",
-    "WaitError",
     "WaitStarvation",
     "install",
     "wait_for",

@@ -72,10 +72,6 @@ class WaitStarvation(CkeysError):
     """Every worker process that could run the awaited child is itself blocked waiting."""
 
 
-class WaitError(CkeysError):
-    """``wait_for`` was used where it cannot work (for example outside a keyed run)."""
-
-
 def describe(exc: Optional[BaseException]) -> str:
     """A one-line description for logs that never includes a URL's password."""
     if exc is None:

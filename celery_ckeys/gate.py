@@ -208,17 +208,14 @@ def acquire(task: Any, request: Any, store: Store, plan: Plan, holder: dict[str,
     try:
         result = store.acquire(plan.slots, request.id, holder, primary=plan.primary, mode=mode)
         if not result.ok and not result.duplicate and store.config.deferral == "handoff":
-            first = headers.get(HEADER_FIRST_DEFERRED)
-            first = float(first) if isinstance(first, (int, float)) else time.time()
-            parked_headers = dict(headers)
-            parked_headers[HEADER_DEFERRALS] = int(headers.get(HEADER_DEFERRALS) or 0) + 1
-            parked_headers[HEADER_FIRST_DEFERRED] = round(first, 3)
+            parked_headers = deferred_headers(headers)
+            first = float(parked_headers[HEADER_FIRST_DEFERRED])
             message = handoff.message_for(task, request, parked_headers, first)
             if message is not None:
                 result = store.acquire(plan.slots, request.id, holder, primary=plan.primary,
                                        mode=mode, message=message,
                                        first_deferred_ms=int(first * 1000))
-                if result.parked and result.blocked is not None:
+                if result.new_line and result.blocked is not None:
                     store.note_line(result.blocked.tag)
     except CoordinationUnavailable as exc:
         defer_log.error("run %s of %s deferred: %s", request.id, task.name, describe(exc))
@@ -291,6 +288,17 @@ def countdown_for(config: CkeysConfig) -> float:
     return countdown
 
 
+def deferred_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """The headers a deferred copy of a run carries: one more deferral, the time of the
+    first, and not marked woken (a copy is a fresh arrival; handoff marks what it parks)."""
+    out = dict(headers)
+    out[HEADER_DEFERRALS] = int(headers.get(HEADER_DEFERRALS) or 0) + 1
+    first = headers.get(HEADER_FIRST_DEFERRED)
+    out[HEADER_FIRST_DEFERRED] = first if isinstance(first, (int, float)) else round(time.time(), 3)
+    out.pop(HEADER_WOKEN, None)
+    return out
+
+
 def defer(task: Any, request: Any, config: CkeysConfig, *, blocked_by: str, holder: str,
           reason: str) -> NoReturn:
     """Publish the same run again after the countdown, then end this delivery with Ignore.
@@ -300,10 +308,7 @@ def defer(task: Any, request: Any, config: CkeysConfig, *, blocked_by: str, hold
     spent on waiting for a slot.
     """
     countdown = countdown_for(config)
-    headers = dict(headers_of(request))
-    headers[HEADER_DEFERRALS] = int(headers.get(HEADER_DEFERRALS) or 0) + 1
-    headers.setdefault(HEADER_FIRST_DEFERRED, round(time.time(), 3))
-    headers.pop(HEADER_WOKEN, None)  # a countdown copy is a fresh arrival, not a woken one
+    headers = deferred_headers(headers_of(request))
     signature = task.signature_from_request(request, countdown=countdown,
                                             retries=request.retries, headers=headers)
     try:
@@ -326,8 +331,9 @@ def release(task: Any, holding: Holding, *, reason: str) -> None:
 
     A release that fails because Redis is unreachable is retried in the background until
     Redis answers, so the slot comes free then rather than when its lease runs out.
-    (Releasing from a background thread on every run was measured slower on a 2-core box:
-    the thread's wake-ups cost more than the round trip they hide. See bench/RESULTS.md.)
+    (Releasing from a background thread on every run was tried and measured slower with
+    bench/overhead.py on a 2-core box: the thread's wake-ups cost more than the round trip
+    they hide.)
     """
     heartbeat.remove(holding)
     _active.pop(holding.owner, None)

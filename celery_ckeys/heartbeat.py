@@ -206,7 +206,3 @@ def _flush_on_process_exit(**_: Any) -> None:
 
 atexit.register(flush)
 
-
-def snapshot() -> dict[str, Any]:
-    """What this process holds, for debugging."""
-    return {h.owner: [s.label for s in h.slots] for h in heartbeat.holdings()}

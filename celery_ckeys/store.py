@@ -72,10 +72,6 @@ class Slot:
     def key(self, role: str) -> str:
         return Names.redis_key(self.tag, role)
 
-    @property
-    def is_alternative(self) -> bool:
-        return dict(self.spec).get("alt", False) is True
-
 
 @dataclass(frozen=True)
 class AcquireResult:
@@ -87,6 +83,8 @@ class AcquireResult:
     limit: int = 0
     #: the run now waits in ``blocked``'s line (handoff)
     parked: bool = False
+    #: ... and it is the first in that line (so the line must be listed for the sweeper)
+    new_line: bool = False
     #: a woken run that is no longer listed as woken: another copy already claimed it
     duplicate: bool = False
 
@@ -323,7 +321,8 @@ class Store:
         wakes = tuple(_text(w) for w in reply[5:])
         self.publish_wakes(wakes)
         return AcquireResult(False, blocked=slots[int(reply[1]) - 1], holder=_text(reply[2]),
-                             limit=int(reply[3]), parked=int(reply[4]) == 1)
+                             limit=int(reply[3]), parked=int(reply[4]) > 0,
+                             new_line=int(reply[4]) == 2)
 
     def _resolve_limits(self, slots: Sequence[Slot]) -> list[tuple[int, int]]:
         """``(slot index, limit)`` of the slots to take, as ``acquire.lua`` decides them."""
@@ -389,7 +388,7 @@ class Store:
                                       owner, holder, record=True, mode="fresh", message="",
                                       first_deferred_ms=0)
                 return AcquireResult(False, blocked=slot, holder=result.holder, limit=limit,
-                                     parked=result.parked)
+                                     parked=result.parked, new_line=result.new_line)
             taken.append(slot)
             if j == primary or not fence:
                 fence = result.fence

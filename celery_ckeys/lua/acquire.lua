@@ -49,7 +49,8 @@
 --         {0, j, holder, limit, parked, wake...}
 --                                         slot j is full; holder is one owner in it ("" when it is
 --                                         reserved); parked is 1 when the run now waits in slot j's
---                                         line; each wake is a woken run's message to publish
+--                                         line, 2 when it started that line (the caller lists it
+--                                         for the sweeper); each wake is a woken run's message
 --         {2}                             a woken run that is no longer woken: a duplicate copy
 
 local owner = ARGV[1]
@@ -230,9 +231,10 @@ for _, j in ipairs(used) do
         end
       end
       -- no expiry: Redis drops an empty line by itself, and a parked run must never vanish
+      local fresh_line = redis.call("EXISTS", p) == 0
       redis.call("ZADD", p, "NX", first_deferred > 0 and first_deferred or now, owner)
       redis.call("HSET", key(j, 7), owner, message, "#l", limits[j])
-      parked = 1
+      parked = fresh_line and 2 or 1
       -- status lists it in the line; it is not also a countdown deferral
       if primary > 0 and redis.call("ZREM", key(primary, 3), owner) == 1 then
         redis.call("HDEL", key(primary, 2), "?" .. owner)
