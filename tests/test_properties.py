@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import os
 from typing import Any
 
 import pytest
@@ -196,6 +197,7 @@ class SlotStore(RuleBasedStateMachine):
             assert live == self.model[target]
 
 
-SlotStore.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+SlotStore.TestCase.settings = settings(max_examples=int(os.environ.get("CKT_MODEL_EXAMPLES", "80")),
+                                       stateful_step_count=30, deadline=None,
                                        suppress_health_check=[HealthCheck.too_slow])
 TestSlotStore = SlotStore.TestCase

@@ -17,7 +17,8 @@
 --          redelivered copy of the same task id has since taken elsewhere.
 --
 -- Returns {released, wake...}: the number of slots released (releasing twice releases nothing
--- the second time), then the message of each parked run woken, for the caller to publish.
+-- the second time, and a lease that had already run out counts as nothing released), then the
+-- message of each parked run woken, for the caller to publish.
 -- Woken runs stay listed as woken (their place reserved) until they arrive.
 
 local owner = ARGV[1]
@@ -45,9 +46,13 @@ for j = 1, #KEYS / 7 do
     -- redelivered copy may go ahead)
     redis.call("HDEL", msgs, "~" .. owner)
   end
-  if ok and redis.call("ZREM", h, owner) == 1 then
+  local lease_end = ok and redis.call("ZSCORE", h, owner)
+  if lease_end then
+    redis.call("ZREM", h, owner)
     redis.call("HDEL", m, owner)
-    released = released + 1
+    if tonumber(lease_end) > now then
+      released = released + 1  -- a lease that had already run out was not held any more
+    end
     if redis.call("ZCARD", r) > 0 then
       redis.call("LPUSH", wake, owner)
       redis.call("LTRIM", wake, 0, 63)
