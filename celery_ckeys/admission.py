@@ -1,10 +1,12 @@
-"""Which slots a run needs: the policy of SPEC 4.1, 4.4, 4.5 and 4.6.
+"""Which slots a run needs: the policy of SPEC 4.1, 4.4, 4.5 and 4.6 (pure; no Redis).
 
 A run needs, all at once (``acquire.lua`` takes them atomically):
 
-* a limited queue and a key: the key's **partition** of that queue (full limit each);
-  when the queue turns out to have no limit anywhere, the namespace-wide key mutex;
-* a limited queue and no key: a slot of the **queue**;
+* a queue and a key: the key's **partition** of that queue, always (docs/protocol.md 6.4).
+  When the queue turns out to have no limit anywhere, the partition's limit is 1 and the
+  run also needs the namespace-wide **key** mutex, so a limit that comes and goes never
+  splits the runs of one key over two slots that do not see each other;
+* a queue and no key: a slot of the **queue** (nothing, if it has no limit anywhere);
 * a key and no queue: the namespace-wide **key** mutex (limit 1);
 * with ``ckeys_environment_limit=L``: an **environment** slot (limit ``floor(L x B)``), and
   for a run with no queue of its own, a slot of its task's implicit queue (limit ``L``),
@@ -14,12 +16,13 @@ A run needs, all at once (``acquire.lua`` takes them atomically):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from functools import lru_cache
+from typing import Optional
 
 from .config import CkeysConfig
 from .naming import Names
 from .queues import ConcurrencyQueue
-from .store import Slot
+from .slots import LimitSpec, Slot
 
 
 @dataclass(frozen=True)
@@ -39,61 +42,55 @@ class RunSpec:
 class Plan:
     slots: tuple[Slot, ...]
     #: 1-based index of the slot that identifies the run (where deferrals are recorded).
-    primary: int
+    primary: int = 1
 
     @property
     def primary_slot(self) -> Slot:
         return self.slots[self.primary - 1]
 
+    @property
+    def tags(self) -> frozenset[str]:
+        return frozenset(slot.tag for slot in self.slots)
+
 
 def env_slot(names: Names, config: CkeysConfig) -> Slot:
     return Slot(tag=names.env(), kind="env", label="(environment)",
-                spec=(("l", config.environment_burst_limit),))
+                limit=LimitSpec(fixed=config.environment_burst_limit))
 
 
-def key_slot(names: Names, key: str, *, alternative: bool = False) -> Slot:
-    spec: tuple[tuple[str, Any], ...] = (("l", 1),)
-    if alternative:
-        spec = (("alt", True), ("l", 1))
-    return Slot(tag=names.key(key), kind="key", label=f"key {key}", spec=spec)
+def key_slot(names: Names, key: str, *, when_unlimited: Optional[int] = None) -> Slot:
+    return Slot(tag=names.key(key), kind="key", label=f"key {key}", limit=LimitSpec(fixed=1),
+                when_unlimited=when_unlimited)
 
 
-def _queue_spec(config: CkeysConfig, *, trigger_limit: Optional[int], declared: Optional[int],
-                alternative: Optional[int] = None) -> tuple[tuple[str, Any], ...]:
-    spec: list[tuple[str, Any]] = [("c", True)]
-    if trigger_limit is not None:
-        spec.append(("s", trigger_limit))
-    if declared is not None:
-        spec.append(("d", declared))
-    if config.environment_limit is not None:
-        spec.append(("x", config.environment_limit))
-    if alternative is not None:
-        spec.append(("a", alternative))
-    return tuple(spec)
+def queue_limit(config: CkeysConfig, queue: str, *, trigger: Optional[int] = None,
+                declared: Optional[int] = None, per_key: bool = False) -> LimitSpec:
+    return LimitSpec(queue=queue, trigger=trigger, declared=declared,
+                     cap=config.environment_limit, unlimited_as=1 if per_key else None)
 
 
-def plan_for(config: CkeysConfig, names: Names, run: RunSpec) -> Optional[Plan]:
+@lru_cache(maxsize=4096)
+def plan_for(config: CkeysConfig, run: RunSpec) -> Optional[Plan]:
     """The slots ``run`` needs, most specific first; ``None`` when it needs none."""
+    names = Names(config.namespace)
     slots: list[Slot] = []
     queue = run.queue
     if queue is not None:
-        trigger_limit = queue.limit if run.queue_from_trigger else None
-        declared = run.declared_limit if not run.queue_from_trigger else None
-        if declared is None and not run.queue_from_trigger:
-            declared = queue.limit
+        trigger = queue.limit if run.queue_from_trigger else None
+        declared = None if run.queue_from_trigger else (
+            run.declared_limit if run.declared_limit is not None else queue.limit)
         conf_tag = names.queue(queue.name)
         if run.key is not None:
-            # index of the key mutex that stands in if the queue has no limit at all
-            spec = _queue_spec(config, trigger_limit=trigger_limit, declared=declared,
-                               alternative=2)
             slots.append(Slot(tag=names.partition(queue.name, run.key), kind="partition",
-                              label=f"queue {queue.name} [{run.key}]", spec=spec,
+                              label=f"queue {queue.name} [{run.key}]",
+                              limit=queue_limit(config, queue.name, trigger=trigger,
+                                                declared=declared, per_key=True),
                               conf_tag=conf_tag))
-            slots.append(key_slot(names, run.key, alternative=True))
+            slots.append(key_slot(names, run.key, when_unlimited=1))
         else:
             slots.append(Slot(tag=conf_tag, kind="queue", label=f"queue {queue.name}",
-                              spec=_queue_spec(config, trigger_limit=trigger_limit,
-                                               declared=declared),
+                              limit=queue_limit(config, queue.name, trigger=trigger,
+                                                declared=declared),
                               conf_tag=conf_tag))
     else:
         if run.key is not None:
@@ -102,10 +99,31 @@ def plan_for(config: CkeysConfig, names: Names, run: RunSpec) -> Optional[Plan]:
             # the task's implicit queue, which defaults to (and is capped at) L
             conf_tag = names.queue(run.task_name)
             slots.append(Slot(tag=conf_tag, kind="queue", label=f"queue {run.task_name}",
-                              spec=_queue_spec(config, trigger_limit=None, declared=None),
-                              conf_tag=conf_tag))
+                              limit=queue_limit(config, run.task_name), conf_tag=conf_tag))
     if config.environment_limit is not None:
         slots.append(env_slot(names, config))
     if not slots:
         return None
-    return Plan(slots=tuple(slots), primary=1)
+    return Plan(slots=tuple(slots))
+
+
+def slot_for_tag(config: CkeysConfig, names: Names, tag: str) -> Optional[Slot]:
+    """The slot behind a tag, with the limit the sweeper can know without the run: a
+    queue's recorded limit, else the limit last resolved on the slot, capped by ``L``."""
+    from .naming import parse_tag
+
+    parsed = parse_tag(tag)
+    if parsed is None or parsed.namespace != names.namespace:
+        return None
+    if parsed.kind == "env":
+        if config.environment_limit is None:  # the limit was removed; its line drains
+            return Slot(tag=tag, kind="env", label=parsed.label, limit=LimitSpec(remembered=True))
+        return env_slot(names, config)
+    if parsed.kind == "key":
+        return Slot(tag=tag, kind="key", label=parsed.label, limit=LimitSpec(fixed=1))
+    if parsed.kind in ("queue", "partition") and parsed.queue is not None:
+        spec = LimitSpec(queue=parsed.queue, cap=config.environment_limit, remembered=True,
+                         unlimited_as=1 if parsed.kind == "partition" else None)
+        return Slot(tag=tag, kind=parsed.kind, label=parsed.label, limit=spec,
+                    conf_tag=names.queue(parsed.queue))
+    return None

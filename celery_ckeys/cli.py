@@ -23,10 +23,11 @@ import click
 from celery.bin.base import CeleryCommand, handle_preload_options
 
 from . import introspect
+from .admission import queue_limit, slot_for_tag
 from .config import get_config
 from .errors import CkeysError
-from .introspect import SlotStatus, declared_limits, effective_limit
-from .naming import CONF, HOLDERS, Names, parse_tag
+from .introspect import SlotStatus, declared_limits
+from .naming import enc, parse_tag
 from .redaction import redact
 from .store import Store
 from .validation import check_key, check_limit, check_queue_name
@@ -166,7 +167,7 @@ def release(ctx: click.Context, key: Optional[str], queue: Optional[str],
                 tags = [names.partition(queue, check_key(partition_key))]
             else:
                 tags = [names.queue(queue), *_partitions_of(store, queue)]
-        held = {t: _holders_of(store, t) for t in tags}
+        held = {t: store.holders_of(t) for t in tags}
     except CkeysError as exc:
         _fail(exc)
         return
@@ -180,12 +181,11 @@ def release(ctx: click.Context, key: Optional[str], queue: Optional[str],
     if not yes:
         listing = "\n".join(f"  {_label(t)}: {o}" for t, o in owners)
         click.confirm(f"Force-release {len(owners)} slot(s)?\n{listing}\n", abort=True)
-    from .store import Slot
-
     released = []
     for t, owner in owners:
-        slot = Slot(tag=t, kind="", label=_label(t), spec=())
-        if store.release([slot], owner):
+        slot = slot_for_tag(store.config, names, t)
+        # every token of this run starts with its task id, whichever process holds it
+        if slot is not None and store.release_lost([slot], owner, json.dumps([owner])[:-1] + ","):
             released.append({"slot": slot.label, "task_id": owner})
     if as_json:
         click.echo(json.dumps({"released": released}))
@@ -194,32 +194,14 @@ def release(ctx: click.Context, key: Optional[str], queue: Optional[str],
             click.echo(f"released {item['slot']} held by {item['task_id']}")
 
 
-def _holders_of(store: Store, tag: str) -> list[str]:
-    key = Names.redis_key(tag, HOLDERS)
-    raw: list[Any] = store.guarded(lambda c: c.zrange(key, 0, -1))
-    return [_text(owner) for owner in raw]
-
-
 def _partitions_of(store: Store, queue: str) -> list[str]:
-    from .naming import enc
-
-    pattern = f"ckeys:{{{store.names.ns}|p|{enc(queue)}|*}}:{HOLDERS}"
-    found = store.guarded(lambda c: [_text(k) for k in c.scan_iter(match=pattern, count=1000)])
-    tags = []
-    for raw in found:
-        parsed = store.names.parse(raw)
-        if parsed is not None and parsed[0].queue is not None and parsed[0].key is not None:
-            tags.append(store.names.partition(parsed[0].queue, parsed[0].key))
-    return sorted(set(tags))
+    return sorted(t for t in store.scan_tags(f"p|{enc(queue)}|*")
+                  if (parsed := parse_tag(t)) is not None and parsed.kind == "partition")
 
 
 def _label(tag: str) -> str:
     parsed = parse_tag(tag)
     return parsed.label if parsed else tag
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 @ckeys.group()
@@ -238,14 +220,15 @@ def limits_get(ctx: click.Context, queues: tuple[str, ...], as_json: bool) -> No
     config = store.config
     declared = declared_limits(app)
     try:
-        recorded = _recorded_limits(store)
+        recorded = store.recorded_limits()
         names = list(queues) or sorted(set(declared) | set(recorded))
         rows_data: list[dict[str, Any]] = []
         for name in names:
             check_queue_name(name)
             rec = recorded.get(name)
+            applies, _ = queue_limit(config, name, declared=declared.get(name)).resolve(rec)
             rows_data.append({"queue": name, "recorded": rec, "declared": declared.get(name),
-                              "effective": effective_limit(config, rec, declared.get(name))})
+                              "effective": applies})
     except CkeysError as exc:
         _fail(exc)
         return
@@ -267,24 +250,6 @@ def limits_get(ctx: click.Context, queues: tuple[str, ...], as_json: bool) -> No
 
 def _opt(value: Optional[int]) -> str:
     return "-" if value is None else str(value)
-
-
-def _recorded_limits(store: Store) -> dict[str, int]:
-    pattern = store.names.scan_pattern(CONF)
-
-    def _do(client: Any) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for raw in client.scan_iter(match=pattern, count=1000):
-            parsed = store.names.parse(_text(raw))
-            if parsed is None or parsed[0].queue is None:
-                continue
-            value = client.hget(raw, "limit")
-            if value is not None:
-                found[parsed[0].queue] = int(value)
-        return found
-
-    result: dict[str, int] = store.guarded(_do)
-    return result
 
 
 @limits.command(name="set", cls=CeleryCommand)

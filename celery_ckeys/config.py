@@ -79,11 +79,6 @@ def get_config(app: Any) -> CkeysConfig:
     return config
 
 
-def forget_config(app: Any) -> None:
-    """Drop the cached config (tests and live reconfiguration)."""
-    _cache.pop(app, None)
-
-
 def _get(conf: Mapping[str, Any], name: str) -> Any:
     try:
         return conf[name]

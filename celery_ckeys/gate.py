@@ -1,60 +1,61 @@
-"""The worker-side gate: take the run's slots right before its body, give them back after.
+"""The worker-side gate: take the run's units right before its body, give them back after.
 
-Flow of one run (``KeyedTask.__call__`` calls :func:`run`):
+Flow of one run (``KeyedTask.__call__`` calls :func:`run`; docs/protocol.md):
 
 1. Read what the run asked for from its headers (:func:`run_spec`). A header that no
    celery_ckeys producer would send fails the run with :class:`MalformedHeader`.
-2. :func:`acquire` takes every slot in one script call. When one is full, or Redis
-   cannot be reached (fail closed), the run is *deferred*: published again with its
-   task id, arguments, headers and routing, ``request.retries`` untouched, and this
-   delivery ends with ``Ignore`` (so neither ``max_retries`` nor ``on_retry`` is involved).
-3. The body runs while the heartbeat thread renews the leases.
-4. ``finally`` releases the slots: success, exception, ``self.retry()``, ``Reject``,
-   ``Ignore``, soft time limits and the SIGTERM of a hard time limit or of a revoke all
-   pass through it. SIGKILL of the pool process does not; :class:`KeyedRequest`
-   releases from the worker's main process instead, by task id and pool pid.
+2. :func:`admit` decides in one ``acquire.lua`` call: admitted, blocked or a copy to drop.
+   A blocked run is *deferred*: parked in a line in Redis (handoff) or published again
+   after the countdown, with its task id, arguments, headers and routing and
+   ``request.retries`` untouched; this delivery ends with ``Ignore``.
+3. The body runs while the heartbeat renews the lease, by the run's hold token.
+4. ``finally`` releases, in the process that acquired only: success, exception,
+   ``self.retry()``, ``Reject``, ``Ignore`` and soft time limits pass through it. When the
+   pool process dies instead (SIGKILL, hard time limit, revoke with terminate), the
+   worker's main process releases once the process is gone (:func:`release_lost`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NoReturn, Optional
 
-from celery.exceptions import Ignore, Reject
+from celery.app.task import Context
+from celery.exceptions import Ignore, Reject, Retry
 
-from . import handoff, signals
-from .admission import Plan, RunSpec, plan_for
+from . import handoff, metrics, signals
+from .admission import Plan, RunSpec, plan_for, slot_for_tag
 from .config import CkeysConfig, get_config
-from .errors import (
-    CkeysError,
-    CoordinationUnavailable,
-    MalformedHeader,
-    describe,
-)
+from .errors import CkeysError, CoordinationUnavailable, MalformedHeader, describe
 from .heartbeat import Holding, heartbeat
 from .publish import (
-    HEADER_DEFERRALS,
+    ALL_HEADERS,
     HEADER_FIRST_DEFERRED,
     HEADER_KEY,
     HEADER_QUEUE,
     HEADER_RESUME,
     HEADER_TAGS,
-    HEADER_WAIT_CHAIN,
-    HEADER_WOKEN,
+    HEADER_TICKET,
     default_key,
+    deferred_headers,
+    strip_stay,
 )
 from .queues import ConcurrencyQueue, coerce_queue
-from .store import AcquireResult, Store, store_for
+from .slots import Slot
+from .store import AcquireResult, Store, store_for, token_prefix
 from .validation import check_key, check_tags
 
 acquire_log = logging.getLogger("celery_ckeys.acquire")
 defer_log = logging.getLogger("celery_ckeys.defer")
 release_log = logging.getLogger("celery_ckeys.release")
+
 
 @dataclass
 class ActiveRun:
@@ -62,7 +63,7 @@ class ActiveRun:
 
     holding: Holding
     plan: Plan
-    holder: dict[str, Any]
+    token: str
 
 
 _active: dict[str, ActiveRun] = {}
@@ -78,8 +79,7 @@ def headers_of(request: Any) -> dict[str, Any]:
     if isinstance(headers, dict):
         return headers
     found: dict[str, Any] = {}
-    for name in (HEADER_KEY, HEADER_QUEUE, HEADER_TAGS, HEADER_DEFERRALS, HEADER_WAIT_CHAIN,
-                 HEADER_RESUME, HEADER_FIRST_DEFERRED, HEADER_WOKEN):
+    for name in ALL_HEADERS:
         value = getattr(request, name, None)
         if value is not None:
             found[name] = value
@@ -132,12 +132,18 @@ def tags_of(headers: dict[str, Any]) -> list[str]:
                               header=HEADER_TAGS, value=raw) from None
 
 
-def holder_record(task: Any, request: Any, tags: list[str]) -> dict[str, Any]:
-    record: dict[str, Any] = {"t": task.name, "w": request.hostname or "", "p": os.getpid(),
-                              "s": round(time.time(), 3)}
-    if tags:
-        record["g"] = tags
-    return record
+def ticket_of(headers: dict[str, Any]) -> tuple[str, Optional[str]]:
+    """``(ticket, home tag)`` of a copy woken from a line; ``("", None)`` for any other."""
+    raw = headers.get(HEADER_TICKET)
+    if isinstance(raw, (list, tuple)) and len(raw) == 2 and isinstance(raw[0], str):
+        return raw[0], raw[1] if isinstance(raw[1], str) else None
+    return "", None
+
+
+def hold_token(task: Any, request: Any, ticket: str, tags: list[str]) -> str:
+    """A token unique to this acquisition; ``status`` and release-by-pid read it too."""
+    return json.dumps([request.id, request.hostname or "", os.getpid(), uuid.uuid4().hex[:12],
+                       ticket, task.name, round(time.time(), 3), tags], separators=(",", ":"))
 
 
 def store_of(app: Any) -> Store:
@@ -148,114 +154,148 @@ def store_of(app: Any) -> Store:
     return store
 
 
-def plan_of(task: Any, request: Any, args: Any, kwargs: Any) -> tuple[CkeysConfig, Store, Optional[Plan]]:
-    store = store_of(task.app)
-    config = store.config
-    spec = run_spec(task, headers_of(request), args, kwargs)
-    return config, store, plan_for(config, store.names, spec)
+def plan_of(task: Any, headers: dict[str, Any], args: Any, kwargs: Any) -> Optional[Plan]:
+    return plan_for(get_config(task.app), run_spec(task, headers, args, kwargs))
+
+
+def with_home(store: Store, plan: Plan, home: Optional[str]) -> tuple[Slot, ...]:
+    """The plan's slots, and the slot of the line a copy was woken from if it is not one
+    of them (the plan changed since: a limit or the environment changed)."""
+    if home is None or home in plan.tags:
+        return plan.slots
+    slot = slot_for_tag(store.config, store.names, home)
+    return plan.slots if slot is None else (*plan.slots, replace(slot, home_only=True))
 
 
 def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Execute ``task``'s body under its slots (see the module docstring)."""
+    """Execute ``task``'s body under its units (see the module docstring)."""
     request = task.request
-    _, store, plan = plan_of(task, request, args, kwargs)
     headers = headers_of(request)
-    if plan is None:
-        try:
-            return task.run(*args, **kwargs)
-        finally:
-            _parent_may_resume(store, headers)
-    holder = holder_record(task, request, tags_of(headers))
-    acquire(task, request, store, plan, holder)
+    store = store_of(task.app)
+    final = False  # the body ended in a state Celery stores as final (not Retry/Ignore/Reject)
     try:
-        return task.run(*args, **kwargs)
+        plan = plan_of(task, headers, args, kwargs)
+        if plan is not None:
+            admit(task, request, store, plan, headers)
+        result = task.run(*args, **kwargs)
+        final = True
+        return result
+    except (Retry, Ignore, Reject):
+        raise
+    except Exception:
+        final = True
+        raise
     finally:
-        # the waiting parent first, so that the slot this run frees goes to it
-        _parent_may_resume(store, headers)
-        active = _active.get(request.id)
+        if final:
+            # before this run's units go, so that what it frees goes to the waiting parent
+            _parent_may_resume(store, headers)
+        active = _active.get(request.id)  # after wait_for, it holds with a new token
         if active is not None:
             release(task, active.holding, reason="finished")
 
 
 def _parent_may_resume(store: Store, headers: dict[str, Any]) -> None:
-    """A child its parent waits on has ended: put the parent first in line for its slots.
-
-    This runs before Celery stores the child's result, so by the time the parent can see
-    the result its place ahead of runs that have not started is already taken.
-    """
+    """A child its parent waits on reached a final state: the parent goes first for its
+    units from now on. Runs before Celery stores the child's result, so by the time the
+    parent sees it, its place ahead of runs that have not started is already taken."""
     resume = headers.get(HEADER_RESUME)
     if not isinstance(resume, dict):
         return
-    owner, tags = resume.get("owner"), resume.get("tags")
-    if not isinstance(owner, str) or not isinstance(tags, list) or not tags:
+    owner, token, slots = resume.get("owner"), resume.get("token"), resume.get("slots")
+    if not isinstance(owner, str) or not isinstance(token, str) or not isinstance(slots, list):
         return
-    names = store.names
-    own = [t for t in tags if isinstance(t, str) and t.startswith(names.ns + "|")]
     try:
-        store.wait_op("ready", own, owner)
+        mine = [Slot.from_header(s) for s in slots if isinstance(s, dict)]
+        store.ready([s for s in mine if s.tag.startswith(store.names.ns + "|")], owner, token)
     except CoordinationUnavailable as exc:
-        release_log.warning("could not mark parent %s ready to resume: %s", owner, describe(exc))
+        release_log.warning("could not tell parent %s to resume: %s", owner, describe(exc))
+    except (KeyError, TypeError, ValueError):
+        release_log.warning("ignored a malformed '%s' header for parent %s", HEADER_RESUME, owner)
 
 
-def acquire(task: Any, request: Any, store: Store, plan: Plan, holder: dict[str, Any]) -> Holding:
-    """Take the plan's slots, or defer the run (which raises ``Ignore``).
+def admit(task: Any, request: Any, store: Store, plan: Plan, headers: dict[str, Any]) -> Holding:
+    """Take the plan's units, or defer the run, or drop a copy (both raise ``Ignore``)."""
+    config = store.config
+    ticket, home = ticket_of(headers)
+    token = hold_token(task, request, ticket, tags_of(headers))
+    slots = with_home(store, plan, home)
+    first = headers.get(HEADER_FIRST_DEFERRED)
+    order_ms = int(float(first) * 1000) if isinstance(first, (int, float)) else 0
+    new_ticket = ticket or uuid.uuid4().hex[:16]
 
-    Deferral is a countdown re-publish, or with ``ckeys_deferral="handoff"`` a place in the
-    full slot's line in Redis (:mod:`celery_ckeys.handoff`).
-    """
-    headers = headers_of(request)
-    mode = "woken" if headers.get(HEADER_WOKEN) else "fresh"
+    def attempt(message: str) -> AcquireResult:
+        return store.acquire(slots, request.id, token, ticket=ticket, new_ticket=new_ticket,
+                             message=message, order_ms=order_ms, primary=plan.primary, home=home)
     try:
-        result = store.acquire(plan.slots, request.id, holder, primary=plan.primary, mode=mode)
-        if not result.ok and not result.duplicate and store.config.deferral == "handoff":
-            parked_headers = deferred_headers(headers)
-            first = float(parked_headers[HEADER_FIRST_DEFERRED])
-            message = handoff.message_for(task, request, parked_headers, first)
-            if message is not None:
-                result = store.acquire(plan.slots, request.id, holder, primary=plan.primary,
-                                       mode=mode, message=message,
-                                       first_deferred_ms=int(first * 1000))
-                if result.new_line and result.blocked is not None:
-                    store.note_line(result.blocked.tag)
+        result = attempt("?" if config.deferral == "handoff" else "")
+        if result.status == "needs_message":
+            # built only now: most runs never wait, and never pay for their message
+            message = handoff.message_for(task, request, deferred_headers(headers, time.time()))
+            result = attempt(message or "")
     except CoordinationUnavailable as exc:
         defer_log.error("run %s of %s deferred: %s", request.id, task.name, describe(exc))
-        defer(task, request, store.config, blocked_by="(coordination Redis)", holder="",
+        defer(task, request, config, blocked_by="(coordination Redis)", holder="",
               reason="unavailable")
-    if result.duplicate:
-        defer_log.info("run %s of %s dropped: another copy of it was already woken and claimed"
-                       " its place", request.id, task.name)
-        raise Ignore("duplicate wake of a parked run")
-    if not result.ok:
+    if result.status == "dropped":
+        defer_log.info("run %s of %s: this copy stands aside (%s)", request.id, task.name,
+                       "a copy with its ticket ran or runs" if result.why == "dup"
+                       else "the run waits in a line in Redis")
+        raise Ignore(f"copy of a run that {result.why}")
+    if result.status == "blocked":
         if result.parked:
             on_parked(task, request, result)
-        on_blocked(task, request, store.config, result)
-    return hold(task, request, store, plan, result, holder)
+        on_blocked(task, request, config, result)
+    return hold(task, request, store, plan, token, ticket, result)
 
 
-def hold(task: Any, request: Any, store: Store, plan: Plan, result: AcquireResult,
-         holder: dict[str, Any]) -> Holding:
-    holding = Holding(store=store, owner=request.id, task_name=task.name, slots=result.taken,
-                      fence=result.fence)
-    if holding.slots:
-        heartbeat.add(holding)
-    _active[request.id] = ActiveRun(holding, plan, holder)
-    request.ckeys_fence = result.fence
+def hold(task: Any, request: Any, store: Store, plan: Plan, token: str, ticket: str,
+         result: AcquireResult) -> Holding:
+    first = headers_of(request).get(HEADER_FIRST_DEFERRED)
+    waited = max(0.0, time.time() - float(first)) if isinstance(first, (int, float)) else 0.0
+    strip_stay(request)
+    holding = Holding(store=store, owner=request.id, token=token, task_name=task.name,
+                      slots=result.taken, ticket=ticket)
+    heartbeat.add(holding)
+    _active[request.id] = ActiveRun(holding, plan, token)
+    if type(request) is Context:
+        request.__class__ = FencedContext  # ckeys_fence is read from Redis only if asked for
     request.ckeys_slots = [slot.label for slot in result.taken]
     if acquire_log.isEnabledFor(logging.DEBUG):
-        acquire_log.debug("run %s of %s acquired %s (fence %d)", request.id, task.name,
-                          ", ".join(s.label for s in result.taken), result.fence)
+        acquire_log.debug("run %s of %s acquired %s", request.id, task.name,
+                          ", ".join(s.label for s in result.taken))
+    metrics.acquired(task, len(result.taken), waited)
     if signals.slots_acquired.receivers:
-        first = headers_of(request).get(HEADER_FIRST_DEFERRED)
-        waited = max(0.0, time.time() - float(first)) if isinstance(first, (int, float)) else 0.0
         signals.slots_acquired.send(sender=task, task_id=request.id, slots=request.ckeys_slots,
-                                    fence=result.fence, waited=round(waited, 3))
+                                    fence=request.ckeys_fence, waited=round(waited, 3))
     return holding
+
+
+class FencedContext(Context):  # type: ignore[misc]
+    """The request of a run that holds its units: ``ckeys_fence`` is its fencing token.
+
+    It is fetched from Redis on first read (``fence.lua``), so runs that never read it
+    pay nothing for it, and it is refused (``CkeysError``) once the run lost its lease.
+    """
+
+    @property
+    def ckeys_fence(self) -> int:
+        cached = self.__dict__.get("_ckeys_fence")
+        if cached is not None:
+            return int(cached)
+        active = _active.get(self.id)
+        if active is None or not active.holding.slots:
+            raise CkeysError("this run holds no slot, so it has no fencing token", task_id=self.id)
+        fence = active.holding.store.fence(active.holding.slots[0], self.id, active.token)
+        if fence < 0:
+            raise CkeysError("this run lost its lease: its fencing token is void", task_id=self.id)
+        self.__dict__["_ckeys_fence"] = fence
+        return fence
 
 
 def _why(request: Any, result: AcquireResult) -> str:
     holder = result.holder
     if holder == request.id:
-        return "held by an earlier delivery of this same run (its lease has not run out)"
+        return "held by another delivery of this same run (its lease has not run out)"
     if holder:
         return f"held by {holder}"
     return "reserved for runs resuming from wait_for or woken from its line"
@@ -275,6 +315,7 @@ def on_parked(task: Any, request: Any, result: AcquireResult) -> NoReturn:
     blocked_by = result.blocked.label
     defer_log.info("run %s of %s parked: %s (limit %d) is %s",
                    request.id, task.name, blocked_by, result.limit, _why(request, result))
+    metrics.deferred(task, "busy")
     if signals.run_deferred.receivers:
         signals.run_deferred.send(sender=task, task_id=request.id, blocked_by=blocked_by,
                                   holder=result.holder, countdown=None, reason="busy")
@@ -288,27 +329,16 @@ def countdown_for(config: CkeysConfig) -> float:
     return countdown
 
 
-def deferred_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    """The headers a deferred copy of a run carries: one more deferral, the time of the
-    first, and not marked woken (a copy is a fresh arrival; handoff marks what it parks)."""
-    out = dict(headers)
-    out[HEADER_DEFERRALS] = int(headers.get(HEADER_DEFERRALS) or 0) + 1
-    first = headers.get(HEADER_FIRST_DEFERRED)
-    out[HEADER_FIRST_DEFERRED] = first if isinstance(first, (int, float)) else round(time.time(), 3)
-    out.pop(HEADER_WOKEN, None)
-    return out
-
-
 def defer(task: Any, request: Any, config: CkeysConfig, *, blocked_by: str, holder: str,
           reason: str) -> NoReturn:
     """Publish the same run again after the countdown, then end this delivery with Ignore.
 
-    ``signature_from_request`` keeps the task id, arguments, headers, routing, links and
-    chain; ``retries=request.retries`` keeps the retry count, so ``max_retries`` is never
-    spent on waiting for a slot.
+    ``signature_from_request`` keeps the task id, arguments, headers (its ticket too: the
+    copy is the same stay in line), routing, links and chain; ``retries=request.retries``
+    keeps the retry count, so ``max_retries`` is never spent on waiting for a slot.
     """
     countdown = countdown_for(config)
-    headers = deferred_headers(headers_of(request))
+    headers = deferred_headers(headers_of(request), time.time())
     signature = task.signature_from_request(request, countdown=countdown,
                                             retries=request.retries, headers=headers)
     try:
@@ -320,6 +350,7 @@ def defer(task: Any, request: Any, config: CkeysConfig, *, blocked_by: str, hold
         if getattr(task, "acks_late", False):
             raise Reject(describe(exc), requeue=True) from None
         raise
+    metrics.deferred(task, reason)
     if signals.run_deferred.receivers:
         signals.run_deferred.send(sender=task, task_id=request.id, blocked_by=blocked_by,
                                   holder=holder, countdown=countdown, reason=reason)
@@ -327,74 +358,79 @@ def defer(task: Any, request: Any, config: CkeysConfig, *, blocked_by: str, hold
 
 
 def release(task: Any, holding: Holding, *, reason: str) -> None:
-    """Give back every slot of ``holding`` before the run's result is stored.
+    """Give back every unit of ``holding``, in the process that took them only.
 
     A release that fails because Redis is unreachable is retried in the background until
-    Redis answers, so the slot comes free then rather than when its lease runs out.
-    (Releasing from a background thread on every run was tried and measured slower with
-    bench/overhead.py on a 2-core box: the thread's wake-ups cost more than the round trip
-    they hide.)
+    Redis answers, so the units come free then rather than when their lease runs out.
     """
+    if holding.pid != os.getpid():
+        return  # a process forked by the task body: the units are its parent's
     heartbeat.remove(holding)
     _active.pop(holding.owner, None)
     if not holding.slots:
         return
-    on_done = None
-    if signals.slots_released.receivers:
-        labels = [s.label for s in holding.slots]
 
-        def on_done() -> None:
-            signals.slots_released.send(sender=task, task_id=holding.owner, slots=labels,
-                                        reason=reason)
+    def on_done() -> None:
+        metrics.released(len(holding.slots), reason)
+        if signals.slots_released.receivers:
+            signals.slots_released.send(sender=task, task_id=holding.owner,
+                                        slots=[s.label for s in holding.slots], reason=reason)
     try:
-        holding.store.release(holding.slots, holding.owner)
+        holding.store.release(holding.slots, holding.owner, holding.token, holding.ticket)
     except CoordinationUnavailable as exc:
         release_log.error("run %s could not release its slots yet (%s); retrying in the"
                           " background", holding.owner, describe(exc))
-        heartbeat.release(holding.store, holding.slots, holding.owner, on_done)
+        heartbeat.release(holding, on_done)
         return
-    if on_done is not None:
-        on_done()
+    on_done()
 
 
-def release_lost(task: Any, request: Any, exc: BaseException) -> None:
-    """From the worker's main process: free what a dead pool process held, by task id.
+# -- the worker's main process: runs whose pool process is gone, and copies Celery drops ------
 
-    Only slots whose holder record names this worker and that pool pid are freed, so a
-    redelivered copy of the run that took them elsewhere keeps them; releasing twice
-    (Celery may report a lost process twice) frees nothing the second time.
-    """
-    pid = getattr(request, "worker_pid", None)
-    if not pid:
-        return
+def _plan_of_message(task: Any, headers: dict[str, Any], args: Any,
+                     kwargs: Any) -> tuple[Optional[Store], tuple[Slot, ...]]:
+    """The slots a message's run needs, and the line it was woken from, from the main process."""
+    store = store_of(task.app)
     try:
-        headers = dict(request.request_dict)
-        config, store, plan = plan_of(task, _HeadersOnly(headers, request), request.args,
-                                      request.kwargs)
+        plan = plan_of(task, {k: v for k, v in headers.items() if k in ALL_HEADERS}, args, kwargs)
     except CkeysError:
+        plan = None
+    slots = with_home(store, plan or Plan(slots=()), ticket_of(headers)[1])
+    return (store, slots) if slots else (None, ())
+
+
+def release_lost(task: Any, task_id: str, hostname: str, pid: int, headers: dict[str, Any],
+                 args: Any, kwargs: Any, exc_name: str) -> None:
+    """Free what a pool process that is gone held or waited on, by the prefix of its tokens
+    (task id, host, pid): a copy of the run elsewhere keeps what it holds."""
+    store, slots = _plan_of_message(task, headers, args, kwargs)
+    if store is None:
         return
-    if plan is None:
-        return
-    only = f"{request.hostname}\n{pid}"
     try:
-        freed = store.release(plan.slots, request.id, only=only)
+        freed = store.release_lost(slots, task_id, token_prefix(task_id, hostname, pid))
     except CoordinationUnavailable as err:
         release_log.error("could not free the slots of lost run %s (%s); they come free when"
-                          " the lease (%gs) runs out", request.id, describe(err), config.lock_ttl)
+                          " the lease (%gs) runs out", task_id, describe(err), store.config.lock_ttl)
         return
     if freed:
         release_log.warning("freed %d slot(s) of run %s of %s after its pool process ended (%s)",
-                            freed, request.id, task.name, type(exc).__name__)
+                            freed, task_id, task.name, exc_name)
+        metrics.released(freed, "worker-lost")
         if signals.slots_released.receivers:
-            signals.slots_released.send(sender=task, task_id=request.id,
-                                        slots=[s.label for s in plan.slots], reason="worker-lost")
+            signals.slots_released.send(sender=task, task_id=task_id,
+                                        slots=[s.label for s in slots], reason="worker-lost")
 
 
-class _HeadersOnly:
-    """A request-like view of a message's headers, for use in the main process."""
-
-    def __init__(self, headers: dict[str, Any], request: Any) -> None:
-        self.headers = {k: v for k, v in headers.items()
-                        if k in (HEADER_KEY, HEADER_QUEUE, HEADER_TAGS)}
-        self.id = request.id
-        self.hostname = request.hostname
+def forfeit(task: Any, task_id: str, headers: dict[str, Any], args: Any, kwargs: Any,
+            why: str) -> None:
+    """Celery discarded a copy without running it (revoked, expired, unknown task): what it
+    had reserved, and its place in a line, go at once; other copies of it stand aside."""
+    store, slots = _plan_of_message(task, headers, args, kwargs)
+    if store is None:
+        return
+    ticket = ticket_of(headers)[0]
+    try:
+        store.forfeit(slots, task_id, ticket)
+    except CoordinationUnavailable as err:
+        release_log.error("could not give back what %s run %s reserved (%s); it comes free"
+                          " when its claim window passes", why, task_id, describe(err))

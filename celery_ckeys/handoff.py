@@ -1,56 +1,55 @@
 """Handoff deferral (``ckeys_deferral = "handoff"``): blocked runs wait in Redis, in line.
 
-A run that cannot get a slot is *parked*: its message goes into the full slot's line in
-Redis (first in, first out by when it was first deferred), atomically with the check that
-found the slot full, so no release can slip in between and be missed. It is not held by
-any worker. The run that frees a slot pops the oldest parked run into the *woken* set
-(its place stays reserved: fresh runs cannot take it) and re-publishes its message at
-once; one release wakes one run, so there is no thundering herd. The woken copy claims its
-reservation when it arrives; any other copy of it is turned away.
+A run that cannot get its units is *parked*: its message goes into the full slot's line
+in Redis (ordered by when it was first deferred), atomically with the check that found the
+slot full, so no release can slip in between and be missed. No worker holds it. The run
+that frees a unit hands it to the first in line as a *reservation* (fresh runs cannot take
+it) and publishes its message at once, carrying the run's ticket; one release wakes one
+run, so there is no thundering herd. The copy with that ticket claims the reservation;
+any other copy of the run stands aside (docs/protocol.md section 5).
 
-The countdown stays as a safety net: every worker's main process sweeps the lines each
-second (``sweep.lua``), re-publishing woken runs that never arrived and waking runs parked
-for a whole countdown, so a releaser that dies between popping and publishing, or a holder
-whose lease runs out, never strands anyone. Parked runs have no expiry in Redis.
+The countdown stays as a safety net: every worker's main process sweeps the lines that
+are due (``sweep.lua``), waking again a woken run that did not arrive within the claim
+window and handing out room that nobody was given, so a releaser that dies between
+waking and publishing, or a holder whose lease runs out, never strands anyone.
 
 Messages are the run's Celery signature (task id, arguments, headers, routing, links) as
-JSON. Arguments that JSON cannot carry fall back to countdown deferral for that run.
+JSON. A run whose arguments JSON cannot carry falls back to the countdown.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from kombu.utils.json import dumps, loads
 
-from .publish import HEADER_WOKEN
+from .publish import HEADER_TICKET
 
 logger = logging.getLogger("celery_ckeys.handoff")
 
 
-def message_for(task: Any, request: Any, headers: dict[str, Any], first_deferred: float) -> Optional[str]:
+def message_for(task: Any, request: Any, headers: dict[str, Any]) -> Optional[str]:
     """The run's message to park, or ``None`` when its arguments do not fit in JSON."""
-    woken_headers = dict(headers)
-    woken_headers[HEADER_WOKEN] = 1
-    signature = task.signature_from_request(request, retries=request.retries, headers=woken_headers)
-    now_ms = int(time.time() * 1000)
-    envelope = {"id": request.id, "task": task.name, "at": now_ms,
-                "first": int(first_deferred * 1000), "sig": dict(signature)}
+    parked = {k: v for k, v in headers.items() if k != HEADER_TICKET}
+    signature = task.signature_from_request(request, retries=request.retries, headers=parked)
     try:
-        return str(dumps(envelope))
+        return str(dumps({"task": task.name, "sig": dict(signature)}))
     except (TypeError, ValueError) as exc:
         logger.warning("run %s of %s cannot be parked (%s); deferring it with a countdown",
                        request.id, task.name, exc)
         return None
 
 
-def publish(app: Any, messages: list[str]) -> None:
-    """Re-publish woken runs, each with its own task id, arguments, headers and routing."""
-    for raw in messages:
-        envelope = loads(raw)
-        sig = envelope["sig"]
+def publish(app: Any, wakes: Sequence[Any]) -> None:
+    """Publish woken runs, each with its own task id, arguments, headers and routing, and
+    the ticket (and home line) that lets exactly one copy claim its reservation."""
+    for wake in wakes:
+        sig = loads(wake.message)["sig"]
         options = dict(sig.get("options") or {})
         options.pop("redelivered", None)
+        headers = dict(options.get("headers") or {})
+        headers[HEADER_TICKET] = [wake.ticket, wake.tag]
+        options["headers"] = headers
         app.send_task(sig["task"], sig.get("args") or (), sig.get("kwargs") or {}, **options)
+

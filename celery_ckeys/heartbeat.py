@@ -1,14 +1,16 @@
 """Leases in the background: renewal, and releases that Redis refused.
 
-One daemon thread per process renews every run that process holds, so it works the
-same under the prefork pool (a thread in each pool process, started after the fork),
-the threads pool (one thread for all) and solo. All renewals of a tick go out in one
-pipelined round trip.
+One daemon thread per process renews every run that process holds (by its hold token)
+or waits for (by its wait token), so it works the same under the prefork pool (a thread
+in each pool process, started after the fork), the threads pool (one thread for all) and
+solo. All renewals of a tick go out in one pipelined round trip.
 
 A release that failed because Redis was briefly unreachable is handed to the same
 thread, which retries it until Redis answers or the lease would have run out, so the
-slot comes free as soon as possible. :func:`flush` drains what is pending; a pool
-process calls it before it exits.
+unit comes free as soon as possible. :func:`flush` drains what is pending; a pool
+process calls it before it exits. A process forked from one that holds units (a task
+body that calls ``os.fork()``) starts with nothing: it never renews or releases its
+parent's units.
 """
 
 from __future__ import annotations
@@ -24,21 +26,27 @@ from typing import Any, Callable, Optional
 from celery.signals import worker_process_shutdown
 
 from .errors import CoordinationUnavailable, describe
-from .store import HOLDERS, Slot, Store
+from .slots import Slot
+from .store import Store
 
 logger = logging.getLogger("celery_ckeys.renew")
 
 
 @dataclass(eq=False)
 class Holding:
-    """The slots one run holds (or, while it waits, the places it keeps)."""
+    """The units one run holds (role "hold", by its hold token), or, while it waits in
+    ``wait_for``, its places as a waiter (role "wait", by its wait token)."""
 
     store: Store
-    owner: str
+    owner: str  # the task id
+    token: str
     task_name: str
     slots: tuple[Slot, ...]
-    role: str = HOLDERS
-    fence: int = 0
+    role: str = "hold"
+    #: the ticket its hold token carries ("" for none): its end leaves the memo done:ticket
+    ticket: str = ""
+    #: the process that acquired: only it may release (a forked child never does)
+    pid: int = field(default_factory=os.getpid)
     since: float = field(default_factory=time.monotonic)
     lost: bool = False
     on_lost: Optional[Callable[[Holding], None]] = None
@@ -46,9 +54,7 @@ class Holding:
 
 @dataclass(eq=False)
 class _PendingRelease:
-    store: Store
-    slots: tuple[Slot, ...]
-    owner: str
+    holding: Holding
     deadline: float
     on_done: Optional[Callable[[], None]] = None
     reported: bool = False
@@ -72,14 +78,20 @@ class Heartbeat:
         with self._lock:
             self._holdings.discard(holding)
 
-    def release(self, store: Store, slots: tuple[Slot, ...], owner: str,
-                on_done: Optional[Callable[[], None]] = None) -> None:
+    def release(self, holding: Holding, on_done: Optional[Callable[[], None]] = None) -> None:
         """Release in the background, retrying until Redis answers or the lease would end."""
         with self._lock:
             self._pending.append(_PendingRelease(
-                store, slots, owner, time.monotonic() + store.config.lock_ttl, on_done))
+                holding, time.monotonic() + holding.store.config.lock_ttl, on_done))
             self._ensure_thread()
             self._wake.set()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's runs are not ours to renew or release."""
+        self._lock = threading.Lock()
+        self._holdings = set()
+        self._pending = []
+        self._thread = None
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Release everything pending now, in the calling thread; True when nothing is left."""
@@ -134,7 +146,7 @@ class Heartbeat:
             by_store.setdefault(id(holding.store), (holding.store, []))[1].append(holding)
         for store, holdings in by_store.values():
             try:
-                counts = store.renew_many([(h.slots, h.owner, h.role) for h in holdings])
+                counts = store.renew_many([(h.slots, h.owner, h.token, h.role) for h in holdings])
             except CoordinationUnavailable as exc:
                 logger.error("could not renew %d lease(s): %s", len(holdings), describe(exc))
                 continue
@@ -156,11 +168,13 @@ class Heartbeat:
             return
         by_store: dict[int, tuple[Store, list[_PendingRelease]]] = {}
         for item in pending:
-            by_store.setdefault(id(item.store), (item.store, []))[1].append(item)
+            store = item.holding.store
+            by_store.setdefault(id(store), (store, []))[1].append(item)
         keep: list[_PendingRelease] = []
         for store, items in by_store.values():
             try:
-                store.release_many([(item.slots, item.owner) for item in items])
+                store.release_many([(i.holding.slots, i.holding.owner, i.holding.token,
+                                     i.holding.ticket) for i in items])
             except CoordinationUnavailable as exc:
                 now = time.monotonic()
                 alive = [item for item in items if now < item.deadline]
@@ -183,7 +197,7 @@ class Heartbeat:
 
 def _done(item: _PendingRelease) -> None:
     if item.reported:
-        logger.info("released the slots of run %s after Redis came back", item.owner)
+        logger.info("released the slots of run %s after Redis came back", item.holding.owner)
     if item.on_done is not None:
         try:
             item.on_done()
@@ -192,6 +206,8 @@ def _done(item: _PendingRelease) -> None:
 
 
 heartbeat = Heartbeat()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=heartbeat.forget_after_fork)
 
 
 def flush(timeout: float = 5.0) -> bool:

@@ -18,22 +18,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from .config import CkeysConfig, get_config
-from .naming import (
-    CONF,
-    DEFERRED,
-    HOLDERS,
-    MESSAGES,
-    META,
-    PARKED,
-    RESUMING,
-    WAITING,
-    WOKEN,
-    Names,
-    Tag,
-    parse_tag,
-)
-from .store import Store, store_for
+from .admission import slot_for_tag
+from .config import get_config
+from .naming import CONF, Tag, parse_tag
+from .store import SlotState, Store, store_for
 
 
 @dataclass
@@ -115,95 +103,33 @@ def declared_limits(app: Any) -> dict[str, int]:
     return found
 
 
-def effective_limit(config: CkeysConfig, recorded: Optional[int], declared: Optional[int]) -> Optional[int]:
-    """The limit ``acquire.lua`` applies to a queue: recorded, else declared, capped by L."""
-    limit = recorded if recorded is not None else declared
-    cap = config.environment_limit
-    if limit is None or (cap is not None and cap < limit):
-        limit = cap
-    return limit
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _now_ms(store: Store) -> int:
-    sec, usec = store.guarded(lambda c: c.time())
-    return int(sec) * 1000 + int(usec) // 1000
-
-
-def _scan_tags(store: Store) -> dict[str, set[str]]:
-    """Tags of this namespace with the roles (key suffixes) that exist for each."""
-    names = store.names
-    found: dict[str, set[str]] = {}
-
-    def _do(client: Any) -> None:
-        for raw in client.scan_iter(match=names.scan_pattern(), count=1000):
-            parsed = names.parse(_text(raw))
-            if parsed is None:
-                continue
-            tag, role = parsed
-            found.setdefault(_tag_string(names, tag), set()).add(role)
-
-    store.guarded(_do)
-    return found
-
-
-def _tag_string(names: Names, tag: Tag) -> str:
-    if tag.kind == "env":
-        return names.env()
-    if tag.kind == "key" and tag.key is not None:
-        return names.key(tag.key)
-    if tag.kind == "queue" and tag.queue is not None:
-        return names.queue(tag.queue)
-    if tag.kind == "partition" and tag.queue is not None and tag.key is not None:
-        return names.partition(tag.queue, tag.key)
-    return f"{names.ns}|{tag.kind}"
-
-
-def _label_of(names: Names, holders_key: str) -> str:
-    parsed = names.parse(holders_key)
-    return parsed[0].label if parsed else holders_key
-
-
 def status(app: Any, *, tag: Optional[str] = None, include_idle: bool = False) -> list[SlotStatus]:
     """Every queue, partition and key of the app's namespace with holders, waits or deferrals.
 
     ``tag`` keeps only slots where a holder or deferred run carries that tag.
     ``include_idle`` also lists queues that only have a recorded limit.
     """
-    config = get_config(app)
-    store = store_for(config)
+    store = store_for(get_config(app))
     return collect(store, declared=declared_limits(app), tag=tag, include_idle=include_idle)
 
 
 def collect(store: Store, *, declared: Optional[dict[str, int]] = None, tag: Optional[str] = None,
             include_idle: bool = False) -> list[SlotStatus]:
-    config, names = store.config, store.names
     declared = declared or {}
-    tags = _scan_tags(store)
-    now = _now_ms(store)
-    # recorded queue limits (a partition reads its queue's)
-    conf_tags = [t for t, roles in tags.items() if CONF in roles]
-
-    def _limits(client: Any) -> dict[str, Optional[int]]:
-        pipe = client.pipeline(transaction=False)
-        for t in conf_tags:
-            pipe.hget(Names.redis_key(t, CONF), "limit")
-        return {t: (int(v) if v is not None else None) for t, v in zip(conf_tags, pipe.execute())}
-
-    recorded = store.guarded(_limits) if conf_tags else {}
+    tags = store.scan_tags()
+    recorded = store.recorded_limits()
     result: list[SlotStatus] = []
     for t in sorted(tags):
         parsed = parse_tag(t)
         if parsed is None or parsed.kind not in ("env", "key", "queue", "partition"):
             continue
+        state = store.read_slot(t)
         slot = SlotStatus(kind=parsed.kind, label=parsed.label, queue=parsed.queue, key=parsed.key,
-                          limit=_limit_for(config, names, parsed, recorded, declared))
-        _fill(store, t, slot, now)
+                          limit=_limit_for(store, parsed, t, recorded, declared, state))
+        _fill(store, slot, state)
         busy = slot.holders or slot.deferred or slot.waiting or slot.parked
-        if not busy and not (include_idle and parsed.kind == "queue" and recorded.get(t) is not None):
+        if not busy and not (include_idle and parsed.kind == "queue"
+                             and parsed.queue in recorded and CONF in tags[t]):
             continue
         if tag is not None and not any(tag in h.tags for h in slot.holders) \
                 and not any(tag in d.tags for d in slot.deferred):
@@ -212,71 +138,79 @@ def collect(store: Store, *, declared: Optional[dict[str, int]] = None, tag: Opt
     return result
 
 
-def _limit_for(config: CkeysConfig, names: Names, tag: Tag, recorded: dict[str, Optional[int]],
-               declared: dict[str, int]) -> Optional[int]:
-    if tag.kind == "key":
-        return 1
-    if tag.kind == "env":
-        return config.environment_burst_limit
-    assert tag.queue is not None
-    return effective_limit(config, recorded.get(names.queue(tag.queue)), declared.get(tag.queue))
+def _limit_for(store: Store, tag: Tag, tag_string: str, recorded: dict[str, int],
+               declared: dict[str, int], state: SlotState) -> Optional[int]:
+    """The limit as admission resolves it (the one rule, LimitSpec.resolve)."""
+    slot = slot_for_tag(store.config, store.names, tag_string)
+    if slot is None:
+        return None
+    spec = slot.limit
+    if tag.queue is not None and tag.queue in declared:
+        from dataclasses import replace
+
+        spec = replace(spec, declared=declared[tag.queue], remembered=False)
+    last = state.info.get("#l")
+    limit, _ = spec.resolve(recorded.get(tag.queue or ""), int(last) if last else None)
+    return limit
 
 
-def _fill(store: Store, t: str, slot: SlotStatus, now: int) -> None:
-    key = Names.redis_key
+def _token(raw: Optional[str]) -> list[Any]:
+    try:
+        value = json.loads(raw or "")
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
 
-    def _read(client: Any) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        pipe.zrange(key(t, HOLDERS), 0, -1, withscores=True)
-        pipe.hgetall(key(t, META))
-        pipe.zrange(key(t, DEFERRED), 0, -1, withscores=True)
-        pipe.zrange(key(t, WAITING), 0, -1, withscores=True)
-        pipe.zrange(key(t, RESUMING), 0, -1, withscores=True)
-        pipe.zrange(key(t, WOKEN), 0, -1, withscores=True)
-        pipe.zrange(key(t, PARKED), 0, -1, withscores=True)
-        pipe.hgetall(key(t, MESSAGES))
-        return list(pipe.execute())
 
-    holders, meta, deferred, waiting, resuming, woken, parked, messages = store.guarded(_read)
-    meta = {_text(k): _text(v) for k, v in meta.items()}
-    for raw_owner, expiry in holders:
-        if expiry <= now:
-            continue  # expired: the next acquire prunes it
-        owner = _text(raw_owner)
-        info = _json(meta.get(owner))
-        started = info.get("s")
-        slot.holders.append(Holder(
-            task_id=owner, task_name=str(info.get("t", "?")),
-            held_seconds=round(max(0.0, now / 1000 - started), 3) if started else 0.0,
-            worker=str(info.get("w", "")), pid=info.get("p"), tags=list(info.get("g") or []),
-            lease_left_seconds=round((expiry - now) / 1000, 3)))
+def _holder(task_id: str, token: str, lease_left_ms: float, now_ms: int) -> Holder:
+    parts = _token(token) + [None] * 8
+    started = parts[6]
+    return Holder(task_id=task_id, task_name=str(parts[5] or "?"),
+                  held_seconds=round(max(0.0, now_ms / 1000 - started), 3) if started else 0.0,
+                  worker=str(parts[1] or ""), pid=parts[2], tags=list(parts[7] or []),
+                  lease_left_seconds=round(lease_left_ms / 1000, 3))
+
+
+def _fill(store: Store, slot: SlotStatus, state: SlotState) -> None:
+    now = state.now_ms
+    if state.simple is not None:
+        owner = str((_token(state.simple) or ["?"])[0])
+        slot.holders.append(_holder(owner, state.simple, state.simple_ttl_ms, now))
+    woken: list[tuple[str, float]] = []
+    for owner, expiry in state.units:
+        if expiry < 0:
+            continue  # the marker of a run waiting in wait_for, listed below
+        unit = state.info.get(owner, "")
+        if unit.startswith(("@w", "@h")):  # woken, or kept while it waits on a later slot
+            woken.append((owner, expiry))
+        elif unit.startswith("@r"):
+            slot.waiting.append(Waiting(task_id=owner, resuming=True))
+        elif expiry > now:
+            slot.holders.append(_holder(owner, unit, expiry - now, now))
     memory = store.config.deferral_memory_ms
-    for raw_owner, last in deferred:
+    for owner, raw in state.deferred.items():
+        rec = _json(raw)
+        last = int(rec.get("at", 0))
         if last < now - memory:
             continue
-        owner = _text(raw_owner)
-        rec = _json(meta.get("?" + owner))
-        info = _json(rec.get("info")) if isinstance(rec.get("info"), str) else {}
+        info = _token(rec.get("info") if isinstance(rec.get("info"), str) else None) + [None] * 8
+        blocked = parse_tag(str(rec.get("blocked", "")))
         slot.deferred.append(Deferred(
-            task_id=owner, task_name=str(info.get("t", "?")),
+            task_id=owner, task_name=str(info[5] or "?"),
             waiting_seconds=round((now - int(rec.get("first", last))) / 1000, 3),
-            deferrals=int(rec.get("n", 1)),
-            blocked_by=_label_of(store.names, str(rec.get("blocked", ""))),
-            holder=str(rec.get("holder", "")), tags=list(info.get("g") or [])))
-    for raw_owner, expiry in waiting:
-        if expiry > now:
-            slot.waiting.append(Waiting(task_id=_text(raw_owner), resuming=False))
-    for raw_owner, _asked in resuming:
-        slot.waiting.append(Waiting(task_id=_text(raw_owner), resuming=True))
-    messages = {_text(k): _json(_text(v)) for k, v in messages.items()}
-    for position, (raw_owner, first) in enumerate(list(woken) + list(parked)):
-        owner = _text(raw_owner)
-        msg = messages.get(owner, {})
+            deferrals=int(rec.get("n", 1)), blocked_by=blocked.label if blocked else "?",
+            holder=str(rec.get("holder", "")), tags=list(info[7] or [])))
+    resuming = {t for t, _ in state.resume}
+    for owner, expiry in state.waiting:
+        if expiry > now and not any(w.task_id == owner for w in slot.waiting):
+            slot.waiting.append(Waiting(task_id=owner, resuming=owner in resuming))
+    for position, (owner, first) in enumerate(woken + state.line):
+        _, _, message = state.messages.get(owner, "").partition("\n")
         is_woken = position < len(woken)
         slot.parked.append(Parked(
-            task_id=owner, task_name=str(msg.get("task", "?")),
+            task_id=owner, task_name=str(_json(message).get("task", "?")),
             position=0 if is_woken else position - len(woken) + 1,
-            parked_seconds=round((now - int(msg.get("first") or first)) / 1000, 3), woken=is_woken))
+            parked_seconds=0.0 if is_woken else round((now - first) / 1000, 3), woken=is_woken))
 
 
 def _json(raw: Optional[str]) -> dict[str, Any]:
@@ -304,8 +238,7 @@ class Explanation:
 
 def explain(app: Any, task_id: str) -> Explanation:
     """Why ``task_id`` is or is not running: which slot blocks it and who holds that slot."""
-    config = get_config(app)
-    store = store_for(config)
+    store = store_for(get_config(app))
     slots = collect(store, declared=declared_limits(app))
     by_label = {s.label: s for s in slots}
     held = [s.label for s in slots if any(h.task_id == task_id for h in s.holders)]

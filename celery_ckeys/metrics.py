@@ -1,4 +1,4 @@
-"""Prometheus metrics, from celery_ckeys's own signals.
+"""Prometheus metrics, recorded by the gate where each event happens.
 
 ``pip install celery-ckeys[metrics]`` and set ``ckeys_metrics = True``: every worker then
 records the metrics below. Under the prefork pool, run the workers with
@@ -12,6 +12,10 @@ registry works and ``prometheus_client.start_http_server`` exposes it.
 ``ckeys_admission_wait_seconds{task}``         from a run's first deferral to taking its slots
 ``ckeys_wait_for_seconds{task,outcome}``       time runs spent blocked in ``wait_for``
 ``ckeys_slots_held``                           slots held right now by this process's runs
+
+The gate calls these functions directly rather than through celery_ckeys's signals, so
+that recording metrics never makes a run fetch what only a signal receiver needs (its
+fencing token).
 """
 
 from __future__ import annotations
@@ -19,16 +23,13 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import ConfigurationError
-from .signals import run_deferred, slots_acquired, slots_released, wait_finished
 
-_enabled = False
 _metrics: dict[str, Any] = {}
 
 
 def enable() -> None:
-    """Create the metrics and connect them to the signals (idempotent)."""
-    global _enabled
-    if _enabled:
+    """Create the metrics (idempotent)."""
+    if _metrics:
         return
     try:
         from prometheus_client import Counter, Gauge, Histogram
@@ -49,33 +50,32 @@ def enable() -> None:
         held=Gauge("ckeys_slots_held", "Slots held by the runs of this process",
                    multiprocess_mode="livesum"),
     )
-    slots_acquired.connect(_on_acquired, weak=False, dispatch_uid="celery_ckeys.metrics.acquired")
-    run_deferred.connect(_on_deferred, weak=False, dispatch_uid="celery_ckeys.metrics.deferred")
-    slots_released.connect(_on_released, weak=False, dispatch_uid="celery_ckeys.metrics.released")
-    wait_finished.connect(_on_wait, weak=False, dispatch_uid="celery_ckeys.metrics.wait")
-    _enabled = True
 
 
-def _name(sender: Any) -> str:
-    return str(getattr(sender, "name", None) or "unknown")
+def _name(task: Any) -> str:
+    return str(getattr(task, "name", None) or "unknown")
 
 
-def _on_acquired(sender: Any = None, slots: Any = (), waited: float = 0.0, **_: Any) -> None:
-    _metrics["acquired"].labels(_name(sender)).inc()
-    _metrics["held"].inc(len(slots))
-    if waited:
-        _metrics["admission_wait"].labels(_name(sender)).observe(waited)
+def acquired(task: Any, slots: int, waited: float) -> None:
+    if _metrics:
+        _metrics["acquired"].labels(_name(task)).inc()
+        _metrics["held"].inc(slots)
+        if waited:
+            _metrics["admission_wait"].labels(_name(task)).observe(waited)
 
 
-def _on_deferred(sender: Any = None, reason: str = "busy", **_: Any) -> None:
-    _metrics["deferred"].labels(_name(sender), reason).inc()
+def deferred(task: Any, reason: str) -> None:
+    if _metrics:
+        _metrics["deferred"].labels(_name(task), reason).inc()
 
 
-def _on_released(sender: Any = None, slots: Any = (), reason: str = "finished", **_: Any) -> None:
-    _metrics["released"].labels(reason).inc()
-    if reason != "worker-lost":  # those were counted by the process that died
-        _metrics["held"].dec(len(slots))
+def released(slots: int, reason: str) -> None:
+    if _metrics:
+        _metrics["released"].labels(reason).inc()
+        if reason != "worker-lost":  # those were counted by the process that died
+            _metrics["held"].dec(slots)
 
 
-def _on_wait(sender: Any = None, seconds: float = 0.0, outcome: str = "done", **_: Any) -> None:
-    _metrics["wait_for"].labels(_name(sender), outcome).observe(seconds)
+def waited_for(task: Any, seconds: float, outcome: str) -> None:
+    if _metrics:
+        _metrics["wait_for"].labels(_name(task), outcome).observe(seconds)

@@ -15,17 +15,24 @@ from urllib.parse import quote, unquote
 
 PREFIX = "ckeys"
 
-# Roles: what each Redis key of a slot holds.
-HOLDERS = "h"  # ZSET owner -> lease expiry (ms)
-META = "m"  # HASH owner -> holder JSON; "?"+owner -> deferral JSON; "#f" -> last fence
-DEFERRED = "d"  # ZSET owner -> last deferral (ms)
-RESUMING = "r"  # ZSET owner -> when it asked to resume (ms); these go first
-WAITING = "w"  # ZSET owner -> lease expiry of a run blocked in wait_for
-PARKED = "p"  # ZSET owner -> first deferral (ms): the handoff line, oldest first
-WOKEN = "v"  # ZSET owner -> when it was woken (ms): popped from the line, on its way
-MESSAGES = "pm"  # HASH owner -> message JSON of a parked or woken run
+# Roles: what each Redis key of a slot holds (docs/protocol.md section 3; lua/lib.lua
+# names them the same way and takes them in the order of SLOT_ROLES).
+UNITS = "h"  # STRING (one hold) or ZSET task id -> expiry of its hold or reservation
+INFO = "i"  # HASH task id -> hold token or reservation; "#f" last fence; "#l" last limit
+LINE = "p"  # ZSET task id -> order: the handoff line
+MESSAGES = "m"  # HASH task id -> ticket "\n" message of a parked or woken run
+RESUME = "r"  # ZSET task id -> when its child finished: the resume order
+WAITING = "w"  # ZSET task id -> lease expiry of a run blocked in wait_for
+WAITS = "v"  # HASH task id -> wait token
+DEFERRED = "f"  # HASH task id -> countdown deferral record (JSON)
+WAKE = "q"  # LIST pushed to when a unit is reserved for a resuming run
 CONF = "c"  # HASH "limit" -> recorded limit of a queue
-WAKE = "k"  # LIST a releaser pushes to, so a resuming waiter need not poll
+SLOT_ROLES = (UNITS, INFO, LINE, MESSAGES, RESUME, WAITING, WAITS, DEFERRED, WAKE)
+
+
+def memo_role(task_id: str) -> str:
+    """The role of the memo ``done:<ticket>`` a ticketed run leaves on a slot when it ends."""
+    return f"x:{enc(task_id)}"
 
 
 def enc(part: str) -> str:
@@ -82,6 +89,10 @@ class Names:
 
     def lines(self) -> str:
         return f"{self.ns}|lines"
+
+    def index_key(self) -> str:
+        """The handoff's sweep index: slot tag -> when it is next due for a sweep."""
+        return self.redis_key(self.lines(), "i")
 
     # -- keys -----------------------------------------------------------------
     @staticmethod

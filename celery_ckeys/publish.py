@@ -20,9 +20,37 @@ HEADER_QUEUE = "concurrency_queue"
 HEADER_TAGS = "ckeys_tags"
 HEADER_DEFERRALS = "ckeys_deferrals"
 HEADER_FIRST_DEFERRED = "ckeys_first_deferred"
-HEADER_WOKEN = "ckeys_woken"
+HEADER_TICKET = "ckeys_ticket"
 HEADER_WAIT_CHAIN = "ckeys_wait_chain"
 HEADER_RESUME = "ckeys_resume"
+
+#: Headers of one stay in line (docs/protocol.md 2.1): a countdown deferral and a park keep
+#: them, a retry, autoretry or replace starts without them (the gate strips them from the
+#: request once the run is admitted).
+PER_STAY = (HEADER_TICKET, HEADER_DEFERRALS, HEADER_FIRST_DEFERRED)
+#: Every header celery_ckeys reads on the worker.
+ALL_HEADERS = (HEADER_KEY, HEADER_QUEUE, HEADER_TAGS, HEADER_WAIT_CHAIN, HEADER_RESUME, *PER_STAY)
+
+
+def deferred_headers(headers: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """The headers of a deferred copy (countdown or park): one more deferral, and the time
+    of the first, which is the run's place in a line. The ticket stays (same stay)."""
+    out = dict(headers)
+    out[HEADER_DEFERRALS] = int(headers.get(HEADER_DEFERRALS) or 0) + 1
+    first = headers.get(HEADER_FIRST_DEFERRED)
+    out[HEADER_FIRST_DEFERRED] = first if isinstance(first, (int, float)) else round(now, 3)
+    return out
+
+
+def strip_stay(request: Any) -> None:
+    """The run is admitted: what Celery publishes from its request from now on (retry,
+    autoretry, replace) is a fresh run, not another copy of this stay in line."""
+    headers = getattr(request, "headers", None)
+    for name in PER_STAY:
+        if isinstance(headers, dict):
+            headers.pop(name, None)
+        if name in request.__dict__:
+            delattr(request, name)
 
 HEADER_FOR_OPTION = {
     "concurrency_key": HEADER_KEY,

@@ -26,9 +26,6 @@ class ConcurrencyQueue:
         if self.limit is not None:
             check_limit(self.limit, what=f"limit of queue {self.name!r}")
 
-    def as_header(self) -> dict[str, Any]:
-        return {"name": self.name, "limit": self.limit}
-
 
 QueueLike = Union[ConcurrencyQueue, str, Mapping[str, Any]]
 

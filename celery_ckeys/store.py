@@ -1,7 +1,9 @@
-"""The Redis layer: one client per process and config, the Lua scripts, and slot I/O.
+"""The Redis layer: the only code that talks to Redis.
 
-Policies (which slots a run needs) live in :mod:`celery_ckeys.admission`; this module
-only knows how to take, renew and give back a list of slots, atomically.
+One client per process and config (created again after ``fork()``), the Lua scripts
+(``lua/*.lua``, each loaded with ``lua/lib.lua`` in front), and one method per protocol
+step of docs/protocol.md. :class:`~celery_ckeys.cluster.ClusterStore` runs the same steps
+on Redis Cluster, where a script may only touch one hash tag.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlparse
@@ -19,30 +20,19 @@ from urllib.parse import urlparse
 import redis
 
 from .config import CkeysConfig
-from .errors import CoordinationUnavailable, describe
-from .naming import (
-    CONF,
-    DEFERRED,
-    HOLDERS,
-    MESSAGES,
-    META,
-    PARKED,
-    RESUMING,
-    WAITING,
-    WAKE,
-    WOKEN,
-    Names,
-)
+from .errors import ConfigurationError, CoordinationUnavailable, describe
+from .naming import CONF, LINE, RESUME, SLOT_ROLES, UNITS, WAITING, WAKE, Names, memo_role
+from .slots import Slot
 
 logger = logging.getLogger("celery_ckeys.store")
 
 # What a failed call to Redis looks like, whatever the deployment.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
-_SCRIPT_NAMES = ("acquire", "release", "renew", "wait", "park", "wake", "sweep")
+SCRIPTS = ("acquire", "release", "wait", "renew", "fence", "sweep", "limit", "registry", "index")
 
 
-def _load_script(name: str) -> str:
+def _read_lua(name: str) -> str:
     return (resources.files("celery_ckeys") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
@@ -50,43 +40,57 @@ _SOURCES: dict[str, str] = {}
 
 
 def script_source(name: str) -> str:
+    """A script as Redis runs it: the shared library, then the script's own body."""
     if name not in _SOURCES:
-        _SOURCES[name] = _load_script(name)
+        _SOURCES[name] = _read_lua("lib") + "\n" + _read_lua(name)
     return _SOURCES[name]
 
 
 @dataclass(frozen=True)
-class Slot:
-    """One thing a run must hold: the environment, a key, a queue or a partition.
-
-    ``spec`` is the Lua limit spec (see ``acquire.lua``) with ``conf`` standing for the
-    queue's conf hash; ``label`` is what people read in logs and ``status``.
-    """
+class Wake:
+    """A parked run given a unit: its message is published again, carrying its ticket."""
 
     tag: str
-    kind: str
-    label: str
-    spec: tuple[tuple[str, Any], ...]
-    conf_tag: Optional[str] = None
-
-    def key(self, role: str) -> str:
-        return Names.redis_key(self.tag, role)
+    ticket: str
+    message: str
 
 
 @dataclass(frozen=True)
 class AcquireResult:
-    ok: bool
-    fence: int = 0
+    status: str  # "admitted" | "blocked" | "dropped" | "needs_message" | "reserved"
     taken: tuple[Slot, ...] = ()
+    #: it claimed a woken reservation (it was first in a line)
+    claimed: bool = False
     blocked: Optional[Slot] = None
     holder: str = ""
     limit: int = 0
     #: the run now waits in ``blocked``'s line (handoff)
     parked: bool = False
-    #: ... and it is the first in that line (so the line must be listed for the sweeper)
-    new_line: bool = False
-    #: a woken run that is no longer listed as woken: another copy already claimed it
-    duplicate: bool = False
+    #: why a copy was dropped: "dup" (a copy with its ticket holds, waits or finished) or
+    #: "parked" (the run is already in a line)
+    why: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "admitted"
+
+
+@dataclass
+class SlotState:
+    """The raw state of one slot, read for introspection."""
+
+    tag: str
+    now_ms: int
+    simple: Optional[str] = None  # the one hold token of a simple slot
+    simple_ttl_ms: int = 0
+    units: list[tuple[str, float]] = field(default_factory=list)
+    info: dict[str, str] = field(default_factory=dict)
+    line: list[tuple[str, float]] = field(default_factory=list)
+    messages: dict[str, str] = field(default_factory=dict)
+    resume: list[tuple[str, float]] = field(default_factory=list)
+    waiting: list[tuple[str, float]] = field(default_factory=list)
+    waits: dict[str, str] = field(default_factory=dict)
+    deferred: dict[str, str] = field(default_factory=dict)
 
 
 def _client_options(config: CkeysConfig) -> dict[str, Any]:
@@ -129,8 +133,6 @@ def _sentinel_client(config: CkeysConfig, options: dict[str, Any]) -> Any:
     transport = dict(config.redis_transport_options)
     master_name = transport.get("master_name")
     if not master_name:
-        from .errors import ConfigurationError
-
         raise ConfigurationError(
             "a sentinel:// ckeys_redis_url needs ckeys_redis_transport_options['master_name']",
             setting="ckeys_redis_transport_options")
@@ -160,12 +162,20 @@ def _sentinel_client(config: CkeysConfig, options: dict[str, Any]) -> Any:
     return sentinel.master_for(master_name, db=db, **options)
 
 
-class Store:
-    """Owns the Redis client of one config in one process, and every script call.
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
-    The client is created lazily and again after ``fork()``, so a prefork pool never
-    shares a connection with its parent.
-    """
+
+def token_prefix(task_id: str, host: str, pid: int) -> str:
+    """The start of every hold and wait token one pool process makes for one run."""
+    return json.dumps([task_id, host, pid], separators=(",", ":"))[:-1] + ","
+
+
+class Store:
+    """Owns the Redis client of one config in one process, and every script call."""
+
+    #: the sweep index is kept inside the scripts (one Redis); ClusterStore keeps it itself
+    inline_index = True
 
     def __init__(self, config: CkeysConfig) -> None:
         self.config = config
@@ -174,12 +184,10 @@ class Store:
         self._pid = 0
         self._scripts: dict[str, Any] = {}
         self._lock = threading.Lock()
-        #: one script call per hash tag (Redis Cluster); tests force it on a single Redis
-        self.stepwise = config.redis_cluster
-        #: publishes woken parked runs' messages (set by the Celery glue, which has the app)
-        self.on_wakes: Optional[Callable[[list[str]], None]] = None
+        #: publishes woken runs (set by the Celery glue, which has the app)
+        self.on_wakes: Optional[Callable[[list[Wake]], None]] = None
 
-    # -- connection -----------------------------------------------------------
+    # -- connection ------------------------------------------------------------
     @property
     def client(self) -> Any:
         if self._client is None or self._pid != os.getpid():
@@ -190,21 +198,12 @@ class Store:
                     self._pid = os.getpid()
         return self._client
 
-    def script(self, name: str) -> Any:
+    def _script(self, name: str) -> Any:
         client = self.client
         found = self._scripts.get(name)
         if found is None:
             found = self._scripts[name] = client.register_script(script_source(name))
         return found
-
-    def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run one script; any Redis failure becomes :class:`CoordinationUnavailable`."""
-        try:
-            return self.script(name)(keys=list(keys), args=list(args))
-        except REDIS_ERRORS as exc:
-            raise CoordinationUnavailable(
-                f"coordination Redis at {self.config.safe_url()} is unavailable: {describe(exc)}",
-                url=self.config.safe_url()) from None
 
     def guarded(self, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(client)``; a Redis failure becomes :class:`CoordinationUnavailable`."""
@@ -215,29 +214,33 @@ class Store:
                 f"coordination Redis at {self.config.safe_url()} is unavailable: {describe(exc)}",
                 url=self.config.safe_url()) from None
 
-    def pipeline(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
-        """Run several scripts in one round trip; returns their replies in order.
+    def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script (redis-py loads it again after a Redis restart)."""
+        return self.guarded(lambda _: self._script(name)(keys=list(keys), args=list(args)))
 
-        redis-py's pipeline would first ask ``SCRIPT EXISTS`` for registered scripts (a
-        second round trip every time), so this sends bare EVALSHAs and falls back to a
-        full EVAL only for a call that meets ``NOSCRIPT`` (after a Redis restart).
+    def pipeline(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run several **independent** script calls in one round trip.
+
+        Only calls whose order does not matter go through here (renewals of different runs,
+        releases of different runs). After a Redis restart the scripts are gone: every
+        script is loaded again and the calls that met ``NOSCRIPT`` are run again.
         """
         from redis.exceptions import NoScriptError
-
-        if self.stepwise:
-            # redis-py's cluster pipeline refuses scripts; each call is one round trip here
-            return [self.call(name, keys, args) for name, keys, args in calls]
 
         def _do(client: Any) -> list[Any]:
             pipe = client.pipeline(transaction=False)
             for name, keys, args in calls:
-                pipe.evalsha(self.script(name).sha, len(keys), *keys, *args)
+                pipe.evalsha(self._script(name).sha, len(keys), *keys, *args)
             replies = list(pipe.execute(raise_on_error=False))
-            for i, reply in enumerate(replies):
-                if isinstance(reply, NoScriptError):
+            failed = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if failed:
+                for name in {calls[i][0] for i in failed}:
+                    client.script_load(script_source(name))
+                for i in failed:
                     name, keys, args = calls[i]
-                    replies[i] = self.script(name)(keys=list(keys), args=list(args))
-                elif isinstance(reply, Exception):
+                    replies[i] = self._script(name)(keys=list(keys), args=list(args))
+            for reply in replies:
+                if isinstance(reply, Exception):
                     raise reply
             return replies
 
@@ -251,12 +254,58 @@ class Store:
                 pass
         self._client = None
 
-    # -- slots ----------------------------------------------------------------
-    def publish_wakes(self, wakes: Sequence[str]) -> None:
-        """Hand the messages of woken parked runs to whoever publishes them.
+    def now_ms(self) -> int:
+        sec, usec = self.guarded(lambda c: c.time())
+        return int(sec) * 1000 + int(usec) // 1000
+
+    # -- script arguments -------------------------------------------------------
+    def _keys(self, slots: Sequence[Slot], who: str) -> tuple[list[str], list[str], int]:
+        """KEYS of a slot script (lib.lua's layout), the limit specs, the index position."""
+        keys = [Names.redis_key(slot.tag, role) for slot in slots for role in SLOT_ROLES]
+        memo = memo_role(who)
+        keys += [Names.redis_key(slot.tag, memo) for slot in slots]
+        specs: list[str] = []
+        conf_at: dict[str, int] = {}
+        for slot in slots:
+            position = 0
+            if slot.conf_tag is not None:
+                if slot.conf_tag not in conf_at:
+                    keys.append(Names.redis_key(slot.conf_tag, CONF))
+                    conf_at[slot.conf_tag] = len(keys)
+                position = conf_at[slot.conf_tag]
+            specs.append(slot.lua_spec(position))
+        index_at = 0
+        if self.inline_index:
+            keys.append(self.names.index_key())
+            index_at = len(keys)
+        return keys, specs, index_at
+
+    @property
+    def _lease(self) -> int:
+        return self.config.lock_ttl_ms
+
+    @property
+    def _window(self) -> int:
+        return min(self.config.claim_window_ms, self.config.lock_ttl_ms)
+
+    @property
+    def _countdown(self) -> int:
+        return int(self.config.retry_countdown * 1000)
+
+    # -- woken runs ---------------------------------------------------------------
+    def _wakes(self, raw: Any, slots: Sequence[Slot]) -> None:
+        items = list(raw or [])
+        wakes = []
+        for j, stored in zip(items[::2], items[1::2]):
+            ticket, _, message = _text(stored).partition("\n")
+            wakes.append(Wake(slots[int(j) - 1].tag, ticket, message))
+        self.publish_wakes(wakes)
+
+    def publish_wakes(self, wakes: Sequence[Wake]) -> None:
+        """Hand woken runs to whoever publishes them.
 
         Nothing is lost if that fails or nobody is set: a woken run that does not arrive
-        is published again by the sweeper (``sweep.lua``).
+        within the claim window is woken again by the next script on its slot or the sweeper.
         """
         if not wakes:
             return
@@ -269,240 +318,118 @@ class Store:
             logger.error("could not publish %d woken run(s) (%s); the sweeper will",
                          len(wakes), describe(exc))
 
-    def acquire(self, slots: Sequence[Slot], owner: str, holder: dict[str, Any], *,
-                primary: int, mode: str = "fresh", message: str = "",
-                first_deferred_ms: int = 0) -> AcquireResult:
-        """Take every slot or none. ``primary`` is the 1-based slot that records deferrals.
+    # -- admission ------------------------------------------------------------------
+    def acquire(self, slots: Sequence[Slot], who: str, token: str, *, mode: str = "run",
+                ticket: str = "", new_ticket: str = "", message: str = "", order_ms: int = 0,
+                primary: int = 1, home: Optional[str] = None) -> AcquireResult:
+        """Admit the run (every slot or none) or not: ``acquire.lua``, one call.
 
-        ``mode`` is ``"fresh"``, ``"resume"`` (back from wait_for) or ``"woken"`` (a parked
-        run the handoff woke). With a ``message``, a blocked run is parked in the full
-        slot's line in the same atomic step (no wake-up can be lost in between).
-
-        On one Redis this is one script call. Under Redis Cluster (``stepwise``) a script
-        may only touch keys of one hash tag, and a run's slots (a partition, its queue's
-        limit, the namespace-wide environment) have different tags; see
-        :meth:`_acquire_stepwise`.
+        ``mode`` "run" (a delivery; ``ticket`` is the one its copy carries) or "resume" (back
+        from wait_for; ``ticket`` is then its wait token). ``message``: "" never parks
+        (countdown), "?" asks for the message when the run would park, else the message to
+        park (handoff), under ``ticket`` or ``new_ticket``. ``home``: the tag of the line a
+        woken copy comes from (one call sees every slot; ClusterStore needs it).
         """
-        if self.stepwise:
-            return self._acquire_stepwise(slots, owner, holder, primary=primary, mode=mode,
-                                          message=message, first_deferred_ms=first_deferred_ms)
-        keys: list[str] = []
-        for slot in slots:
-            keys += _acquire_keys(slot)
-        conf_index: dict[str, int] = {}
-        specs: list[dict[str, Any]] = []
-        for slot in slots:
-            spec = dict(slot.spec)
-            if "c" in spec:
-                assert slot.conf_tag is not None
-                if slot.conf_tag not in conf_index:
-                    keys.append(Names.redis_key(slot.conf_tag, CONF))
-                    conf_index[slot.conf_tag] = len(keys)
-                spec["c"] = conf_index[slot.conf_tag]
-            specs.append(spec)
-        reply = self.call("acquire", keys, self._acquire_args(
-            owner, holder, json.dumps(specs, separators=(",", ":")), primary, mode, message,
-            first_deferred_ms))
-        return self._acquire_result(reply, slots)
+        keys, specs, index_at = self._keys(slots, who)
+        reply = self.call("acquire", keys, [
+            who, token, mode, ticket, new_ticket, message, order_ms, self._lease, self._window,
+            self._countdown, self.config.deferral_memory_ms, primary, index_at, len(slots), *specs])
+        return self._acquired(reply, slots)
 
-    def _acquire_args(self, owner: str, holder: dict[str, Any], specs: str, primary: int, mode: str,
-                      message: str, first_deferred_ms: int) -> list[Any]:
-        return [owner, self.config.lock_ttl_ms, json.dumps(holder, separators=(",", ":")), specs,
-                primary, self.config.deferral_memory_ms, mode, message, first_deferred_ms]
-
-    def _acquire_result(self, reply: Any, slots: Sequence[Slot]) -> AcquireResult:
+    def _acquired(self, reply: Any, slots: Sequence[Slot]) -> AcquireResult:
         status = int(reply[0])
+        self._wakes(reply[-1], slots)
         if status == 1:
-            taken_idx = [int(i) for i in _text(reply[2]).split(",") if i]
-            return AcquireResult(True, fence=int(reply[1]),
-                                 taken=tuple(slots[i - 1] for i in taken_idx))
+            taken = tuple(slots[int(i) - 1] for i in _text(reply[1]).split(",") if i)
+            return AcquireResult("admitted", taken=taken, claimed=int(reply[2]) == 1)
         if status == 2:
-            return AcquireResult(False, duplicate=True)
-        wakes = tuple(_text(w) for w in reply[5:])
-        self.publish_wakes(wakes)
-        return AcquireResult(False, blocked=slots[int(reply[1]) - 1], holder=_text(reply[2]),
-                             limit=int(reply[3]), parked=int(reply[4]) > 0,
-                             new_line=int(reply[4]) == 2)
+            return AcquireResult("dropped", why=_text(reply[1]))
+        if status == 3:
+            return AcquireResult("needs_message")
+        return AcquireResult("blocked", blocked=slots[int(reply[1]) - 1], holder=_text(reply[2]),
+                             limit=int(reply[3]), parked=int(reply[4]) == 1)
 
-    def _resolve_limits(self, slots: Sequence[Slot]) -> list[tuple[int, int]]:
-        """``(slot index, limit)`` of the slots to take, as ``acquire.lua`` decides them."""
-        used: list[tuple[int, int]] = []
-        for j, slot in enumerate(slots, 1):
-            spec = dict(slot.spec)
-            if spec.get("alt"):
-                continue
-            if "l" in spec:
-                used.append((j, int(spec["l"])))
-                continue
-            assert slot.conf_tag is not None
-            conf = Names.redis_key(slot.conf_tag, CONF)
-            limit: Optional[int]
-            if "s" in spec:
-                self.set_conf_limit(conf, int(spec["s"]))
-                limit = int(spec["s"])
-            else:
-                stored = self.guarded(partial(_hget, key=conf, field="limit"))
-                limit = int(stored) if stored is not None else spec.get("d")
-            cap = spec.get("x")
-            if limit is None or (cap is not None and cap < limit):
-                limit = cap
-            if limit is not None:
-                used.append((j, limit))
-            elif "a" in spec:
-                used.append((int(spec["a"]), 1))
-        return used
-
-    def _acquire_stepwise(self, slots: Sequence[Slot], owner: str, holder: dict[str, Any], *,
-                          primary: int, mode: str, message: str,
-                          first_deferred_ms: int) -> AcquireResult:
-        """Admission in steps, for Redis Cluster: one script call per slot, with compensation.
-
-        Limits are resolved first (reading, or for a trigger-time limit writing, each queue's
-        conf). Then each slot is taken by its own call, most specific first and the
-        environment last; when one is full, the slots taken so far are released before
-        returning, so no partial hold survives the attempt. Between the steps another run
-        may briefly see a slot taken that this run gives back: it is deferred once more,
-        never admitted past a limit. A crash between the steps leaves slots that the
-        worker's main process (pool process died) or the lease frees.
-        """
-        used = self._resolve_limits(slots)
-        if primary and primary not in {j for j, _ in used}:
-            alt = dict(slots[primary - 1].spec).get("a")
-            primary = int(alt) if alt and alt in {j for j, _ in used} else primary
-        taken: list[Slot] = []
-        fence = 0
-        for j, limit in used:
-            slot = slots[j - 1]
-            one = Slot(tag=slot.tag, kind=slot.kind, label=slot.label, spec=(("l", limit),))
-            result = self._acquire_one(one, owner, holder, record=(j == primary), mode=mode,
-                                       message=message, first_deferred_ms=first_deferred_ms)
-            if result.duplicate and not taken:
-                return result
-            if not result.ok:
-                if taken:
-                    self.release(taken, owner)
-                if j != primary and primary and not result.duplicate:
-                    # note the deferral where status looks for it (a limit of 0 never admits)
-                    p = slots[primary - 1]
-                    self._acquire_one(Slot(tag=p.tag, kind=p.kind, label=p.label, spec=(("l", 0),)),
-                                      owner, holder, record=True, mode="fresh", message="",
-                                      first_deferred_ms=0)
-                return AcquireResult(False, blocked=slot, holder=result.holder, limit=limit,
-                                     parked=result.parked, new_line=result.new_line)
-            taken.append(slot)
-            if j == primary or not fence:
-                fence = result.fence
-        return AcquireResult(True, fence=fence, taken=tuple(taken))
-
-    def _acquire_one(self, slot: Slot, owner: str, holder: dict[str, Any], *, record: bool,
-                     mode: str, message: str, first_deferred_ms: int) -> AcquireResult:
-        reply = self.call("acquire", _acquire_keys(slot), self._acquire_args(
-            owner, holder, json.dumps([dict(slot.spec)], separators=(",", ":")), 1 if record else 0,
-            mode, message, first_deferred_ms))
-        return self._acquire_result(reply, [slot])
-
-    def release(self, slots: Sequence[Slot], owner: str, *, only: str = "") -> int:
-        """Give back ``owner``'s slots; returns how many it held. Wakes parked runs."""
+    # -- release, in its three modes ---------------------------------------------------
+    def _release(self, mode: str, slots: Sequence[Slot], who: str, token: str, ticket: str) -> int:
         if not slots:
             return 0
-        if self.stepwise and len(slots) > 1:
-            replies = self.pipeline([("release", _release_keys([slot]), (owner, only))
-                                     for slot in slots])
-        else:
-            replies = [self.call("release", _release_keys(slots), [owner, only])]
-        self.publish_wakes([_text(w) for reply in replies for w in reply[1:]])
-        return sum(int(reply[0]) for reply in replies)
+        keys, specs, index_at = self._keys(slots, who)
+        reply = self.call("release", keys, [
+            mode, who, token, ticket, self._lease, self._window, self._lease, 0, index_at,
+            len(slots), *specs])
+        self._wakes(reply[1], slots)
+        return int(reply[0])
 
-    def release_many(self, runs: Sequence[tuple[Sequence[Slot], str]]) -> None:
-        """Release several runs in one round trip."""
+    def release(self, slots: Sequence[Slot], who: str, token: str, ticket: str = "") -> int:
+        """The run's own end: free its units (token ``token``); a ticketed run leaves a memo."""
+        return self._release("normal", slots, who, token, ticket)
+
+    def release_lost(self, slots: Sequence[Slot], who: str, prefix: str) -> int:
+        """Free what a pool process that is gone held or waited on (tokens starting ``prefix``)."""
+        return self._release("lost", slots, who, prefix, "")
+
+    def forfeit(self, slots: Sequence[Slot], who: str, ticket: str) -> int:
+        """Celery discarded this copy: its woken reservation and parked entry go."""
+        return self._release("forfeit", slots, who, "", ticket)
+
+    def release_many(self, runs: Sequence[tuple[Sequence[Slot], str, str, str]]) -> None:
+        """Normal releases of several runs ``(slots, who, token, ticket)`` in one round trip."""
         if len(runs) == 1:
-            self.release(runs[0][0], runs[0][1])
+            self.release(*runs[0])
             return
-        groups = [[slot] for slots, _ in runs for slot in slots] if self.stepwise else None
-        owners = [owner for slots, owner in runs for _ in slots] if self.stepwise else None
-        if groups is not None and owners is not None:
-            calls = [("release", _release_keys(g), (o, "")) for g, o in zip(groups, owners)]
-        else:
-            calls = [("release", _release_keys(slots), (owner, "")) for slots, owner in runs]
-        replies = self.pipeline(calls)
-        self.publish_wakes([_text(w) for reply in replies for w in reply[1:]])
+        calls = []
+        for slots, who, token, ticket in runs:
+            keys, specs, index_at = self._keys(slots, who)
+            calls.append(("release", keys, ["normal", who, token, ticket, self._lease,
+                                            self._window, self._lease, 0, index_at, len(slots),
+                                            *specs]))
+        for (slots, *_), reply in zip(runs, self.pipeline(calls)):
+            self._wakes(reply[1], slots)
 
-    def renew(self, slots: Sequence[Slot], owner: str) -> int:
-        return self.renew_many([(slots, owner, HOLDERS)])[0]
-
-    def renew_many(self, runs: Sequence[tuple[Sequence[Slot], str, str]]) -> list[int]:
-        """Renew several runs in one round trip; each item is ``(slots, owner, role)``.
-
-        ``role`` is ``HOLDERS`` for running runs and ``WAITING`` for runs blocked in
-        ``wait_for`` (whose place in the wait chain must not expire).
-        """
-        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
-        sizes: list[int] = []
-        for slots, owner, role in runs:
-            groups = [[slot] for slot in slots] if self.stepwise else [list(slots)]
-            sizes.append(len(groups))
-            for group in groups:
-                keys: list[str] = []
-                for slot in group:
-                    keys += [slot.key(role), slot.key(META)]
-                calls.append(("renew", keys, (owner, self.config.lock_ttl_ms)))
-        replies = [int(x) for x in self.pipeline(calls)]
-        counts: list[int] = []
-        for size in sizes:
-            counts.append(sum(replies[:size]))
-            replies = replies[size:]
-        return counts
-
-    def wait_op(self, op: str, tags: Sequence[str], owner: str) -> int:
-        """``wait.lua``: ``enter``, ``ready`` or ``leave`` for the slots named by ``tags``."""
-        calls = self._wait_calls(op, tags, owner)
-        if not calls:
+    # -- waits ----------------------------------------------------------------------------
+    def _wait(self, op: str, slots: Sequence[Slot], who: str, token: str, wait_token: str) -> int:
+        if not slots:
             return 0
-        replies = [self.call(*calls[0])] if len(calls) == 1 else self.pipeline(calls)
-        return sum(int(reply[0]) for reply in replies)
+        keys, specs, index_at = self._keys(slots, who)
+        reply = self.call("wait", keys, [op, who, token, wait_token, self._lease, self._window,
+                                         0, 0, index_at, len(slots), *specs])
+        self._wakes(reply[1], slots)
+        return int(reply[0])
 
-    def _wait_calls(self, op: str, tags: Sequence[str],
-                    owner: str) -> list[tuple[str, Sequence[str], Sequence[Any]]]:
-        groups = [[tag] for tag in tags] if self.stepwise else [list(tags)]
-        return [("wait", [Names.redis_key(tag, role) for tag in group
-                          for role in (HOLDERS, WAITING, RESUMING, META)],
-                 (op, owner, self.config.lock_ttl_ms)) for group in groups if group]
+    def step_out(self, slots: Sequence[Slot], who: str, token: str, wait_token: str) -> int:
+        """Give back every unit held with ``token`` and wait with ``wait_token``: one call."""
+        return self._wait("enter", slots, who, token, wait_token)
 
-    def step_out(self, slots: Sequence[Slot], owner: str) -> None:
-        """Give the slots back to wait, staying listed as waiting on them (one round trip)."""
-        tags = [slot.tag for slot in slots]
-        calls = self._wait_calls("enter", tags, owner)
-        groups = [[slot] for slot in slots] if self.stepwise else [list(slots)]
-        calls += [("release", _release_keys(group), (owner, "")) for group in groups]
-        replies = self.pipeline(calls)
-        self.publish_wakes([_text(w) for reply in replies[len(calls) - len(groups):]
-                            for w in reply[1:]])
+    def ready(self, slots: Sequence[Slot], who: str, wait_token: str) -> int:
+        """The child of ``who`` reached a final state: ``who`` may resume, ahead of new runs."""
+        return self._wait("ready", slots, who, "", wait_token)
 
-    # -- the handoff's sweep index: slots with a line, by when they next need a sweep ----
-    @property
-    def _lines_key(self) -> str:
-        return Names.redis_key(self.names.lines(), "i")
+    def wait_wake(self, slot: Slot, timeout: float) -> None:
+        """Block until a unit is reserved for a resuming run on ``slot`` (or ``timeout``)."""
+        wake = Names.redis_key(slot.tag, WAKE)
+        self.guarded(lambda c: c.blpop([wake], timeout=timeout))
 
-    def note_line(self, tag: str) -> None:
-        """Remember that ``tag`` has a line, due for a sweep after one countdown."""
-        due_in = int(self.config.retry_countdown * 1000)
-        key = self._lines_key
-        self.guarded(lambda c: c.eval(
-            "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000);"
-            " local due = now + tonumber(ARGV[2]); local old = redis.call('ZSCORE', KEYS[1], ARGV[1]);"
-            " if not old or tonumber(old) > due then redis.call('ZADD', KEYS[1], due, ARGV[1]) end;"
-            " redis.call('PEXPIRE', KEYS[1], ARGV[3])",
-            1, key, tag, due_in, self._lines_ttl_ms))
+    # -- leases -----------------------------------------------------------------------------
+    def _renew_call(self, slots: Sequence[Slot], who: str, token: str,
+                    role: str) -> tuple[str, list[str], list[Any]]:
+        keys = [Names.redis_key(slot.tag, r) for slot in slots for r in SLOT_ROLES]
+        return ("renew", keys, [role, who, token, self._lease, len(slots)])
 
-    @property
-    def _lines_ttl_ms(self) -> int:
-        # refreshed by every park and sweep; outlives the longest gap between two sweeps of
-        # a live line, so only an index nobody uses any more expires
-        return int(2 * self.config.retry_countdown * 1000) + 900_000
+    def renew_many(self, runs: Sequence[tuple[Sequence[Slot], str, str, str]]) -> list[int]:
+        """Renew several runs ``(slots, who, token, role)`` in one round trip; ``role`` is
+        "hold" (running) or "wait" (blocked in wait_for). Returns slots renewed per run."""
+        calls = [self._renew_call(slots, who, token, role) for slots, who, token, role in runs]
+        return [int(x) for x in self.pipeline(calls)]
 
+    def fence(self, slot: Slot, who: str, token: str) -> int:
+        """The fencing token of a run holding ``slot`` with ``token``; -1 once it lost it."""
+        keys = [Names.redis_key(slot.tag, role) for role in SLOT_ROLES]
+        return int(self.call("fence", keys, [who, token]))
+
+    # -- the handoff's sweep ---------------------------------------------------------------
     def due_lines(self, most: int = 100) -> list[tuple[str, float]]:
-        """Slots whose line is due for a sweep now, with the due time the index holds."""
-        key = self._lines_key
+        """Slots due for a sweep now, with the due time the index holds."""
+        key = self.names.index_key()
 
         def _do(client: Any) -> list[tuple[str, float]]:
             sec, usec = client.time()
@@ -510,64 +437,132 @@ class Store:
             return [(_text(t), float(score)) for t, score in
                     client.zrangebyscore(key, "-inf", now, start=0, num=most, withscores=True)]
 
-        result: list[tuple[str, float]] = self.guarded(_do)
-        return result
+        found: list[tuple[str, float]] = self.guarded(_do)
+        return found
 
-    def sweep_line(self, tag: str, seen_due: float) -> None:
-        """Sweep one slot, then keep its index entry up to date (or drop it when empty)."""
-        due = self.sweep(tag)
-        key = self._lines_key
-        # compare-and-set: a park that happened meanwhile set a new due time; keep it
-        self.guarded(lambda c: c.eval(
-            "local old = redis.call('ZSCORE', KEYS[1], ARGV[1]);"
-            " if old and tonumber(old) == tonumber(ARGV[2]) then"
-            "   if tonumber(ARGV[3]) < 0 then redis.call('ZREM', KEYS[1], ARGV[1])"
-            "   else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end end;"
-            " if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end",
-            1, key, tag, repr(seen_due), due, self._lines_ttl_ms))
-
-    def sweep(self, tag: str, *, most: int = 100) -> int:
-        """``sweep.lua`` on one slot; publishes what it wakes; returns the next due time (ms)."""
-        keys = [Names.redis_key(tag, role) for role in (PARKED, WOKEN, MESSAGES, HOLDERS)]
-        reply = self.call("sweep", keys, [self.config.claim_window_ms,
-                                          int(self.config.retry_countdown * 1000), most])
-        self.publish_wakes([_text(w) for w in reply[1:]])
+    def sweep(self, slot: Slot, seen_due: float = 0.0) -> int:
+        """``sweep.lua`` on one slot; publishes what it wakes; returns when it is next due."""
+        keys, specs, index_at = self._keys([slot], "")
+        reply = self.call("sweep", keys, [self._window, self._countdown, self._lease, 0,
+                                          index_at, 1, specs[0]])
+        self._wakes(reply[1], [slot])
         return int(reply[0])
+
+    # -- limits -------------------------------------------------------------------------------
+    def resolve_limits(self, slots: Sequence[Slot], *, record: bool = False) -> list[Optional[int]]:
+        """The limit each slot has now (``None``: not needed), by ``limit.lua``."""
+        keys, specs, _ = self._keys(slots, "")
+        reply = self.call("limit", keys, ["1" if record else "0", len(slots), *specs])
+        return [None if int(x) < 0 else int(x) for x in reply]
 
     def queue_limit(self, queue: str) -> Optional[int]:
         key = Names.redis_key(self.names.queue(queue), CONF)
-        value = self.guarded(partial(_hget, key=key, field="limit"))
+        value = self.guarded(lambda c: c.hget(key, "limit"))
         return int(value) if value is not None else None
 
-    def set_conf_limit(self, conf_key: str, limit: Optional[int]) -> None:
-        if limit is None:
-            self.guarded(lambda c: c.hdel(conf_key, "limit"))
-        else:
-            self.guarded(lambda c: c.hset(conf_key, "limit", limit))
-
     def set_queue_limit(self, queue: str, limit: Optional[int]) -> None:
-        self.set_conf_limit(Names.redis_key(self.names.queue(queue), CONF), limit)
+        key = Names.redis_key(self.names.queue(queue), CONF)
+        if limit is None:
+            self.guarded(lambda c: c.hdel(key, "limit"))
+        else:
+            self.guarded(lambda c: c.hset(key, "limit", limit))
 
+    def recorded_limits(self) -> dict[str, int]:
+        """Every queue of the namespace with a recorded limit."""
+        found: dict[str, int] = {}
+        for tag, roles in self.scan_tags().items():
+            parsed = self.names.parse(Names.redis_key(tag, CONF))
+            if CONF in roles and parsed is not None and parsed[0].queue is not None:
+                limit = self.queue_limit(parsed[0].queue)
+                if limit is not None:
+                    found[parsed[0].queue] = limit
+        return found
 
-def _hget(client: Any, *, key: str, field: str) -> Any:
-    return client.hget(key, field)
+    # -- the worker registry (WaitStarvation) ------------------------------------------------
+    def _registry_keys(self) -> list[str]:
+        tag = self.names.workers()
+        return [Names.redis_key(tag, "reg"), Names.redis_key(tag, "b"), Names.redis_key(tag, "bw")]
 
+    def register_worker(self, hostname: str, info: dict[str, Any], lifetime_ms: int) -> None:
+        self.call("registry", self._registry_keys(),
+                  ["register", hostname, json.dumps(info), lifetime_ms])
 
-def _acquire_keys(slot: Slot) -> list[str]:
-    return [slot.key(role) for role in (HOLDERS, META, DEFERRED, RESUMING, PARKED, WOKEN, MESSAGES)]
+    def blocked(self, task_id: str, hostname: str, lease_ms: int) -> None:
+        """List (or renew) a run as blocked in wait_for on ``hostname``."""
+        self.call("registry", self._registry_keys(), ["block", task_id, hostname, lease_ms])
 
+    def unblocked(self, task_id: str) -> None:
+        self.call("registry", self._registry_keys(), ["unblock", task_id])
 
-def _release_keys(slots: Sequence[Slot]) -> list[str]:
-    keys: list[str] = []
-    for slot in slots:
-        keys += [slot.key(role) for role in (HOLDERS, META, RESUMING, WAKE, PARKED, WOKEN, MESSAGES)]
-    return keys
+    def registry(self) -> tuple[int, dict[str, dict[str, Any]], list[tuple[str, float]], dict[str, str]]:
+        """``(now ms, workers, blocked runs with lease expiry, run -> host)``."""
+        now, workers, blocked, where = self.call("registry", self._registry_keys(), ["read"])
+        pairs = list(workers)
+        info = {_text(h): json.loads(_text(v)) for h, v in zip(pairs[::2], pairs[1::2])}
+        flat = list(blocked)
+        runs = [(_text(t), float(s)) for t, s in zip(flat[::2], flat[1::2])]
+        hosts = list(where)
+        return int(now), info, runs, {_text(t): _text(h) for t, h in zip(hosts[::2], hosts[1::2])}
 
+    # -- introspection and the CLI ------------------------------------------------------------
+    def scan_tags(self, match_tag: str = "*") -> dict[str, set[str]]:
+        """Tags of this namespace with the roles (key suffixes) that exist for each."""
+        names = self.names
+        pattern = f"ckeys:{{{names.ns}|{match_tag}}}:*"
+        found: dict[str, set[str]] = {}
 
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    return str(value)
+        def _do(client: Any) -> None:
+            for raw in client.scan_iter(match=pattern, count=1000):
+                key = _text(raw)
+                tag, sep, role = key[len("ckeys:{"):].partition("}:")
+                if sep and names.parse(key) is not None:
+                    found.setdefault(tag, set()).add(role)
+
+        self.guarded(_do)
+        return found
+
+    def read_slot(self, tag: str) -> SlotState:
+        """Everything one slot holds, in one round trip (all its keys share its tag)."""
+        def key(role: str) -> str:
+            return Names.redis_key(tag, role)
+
+        def _read(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            # the units are a STRING (simple) or a ZSET (full): one of these two fails
+            pipe.get(key(UNITS))
+            pipe.zrange(key(UNITS), 0, -1, withscores=True)
+            pipe.pttl(key(UNITS))
+            for role in SLOT_ROLES[1:-1]:
+                if role in (LINE, RESUME, WAITING):
+                    pipe.zrange(key(role), 0, -1, withscores=True)
+                else:
+                    pipe.hgetall(key(role))
+            return list(pipe.execute(raise_on_error=False))
+
+        now = self.now_ms()  # TIME may not go in a Redis Cluster pipeline
+        simple, units, ttl, info, line, messages, resume, waiting, waits, deferred \
+            = self.guarded(_read)
+        state = SlotState(tag=tag, now_ms=now)
+        if isinstance(simple, (bytes, str)):
+            state.simple, state.simple_ttl_ms = _text(simple), int(ttl)
+        if isinstance(units, list):
+            state.units = [(_text(t), float(s)) for t, s in units]
+        state.info = {_text(k): _text(v) for k, v in info.items()}
+        state.line = [(_text(t), float(s)) for t, s in line]
+        state.messages = {_text(k): _text(v) for k, v in messages.items()}
+        state.resume = [(_text(t), float(s)) for t, s in resume]
+        state.waiting = [(_text(t), float(s)) for t, s in waiting]
+        state.waits = {_text(k): _text(v) for k, v in waits.items()}
+        state.deferred = {_text(k): _text(v) for k, v in deferred.items()}
+        return state
+
+    def holders_of(self, tag: str) -> list[str]:
+        """Task ids holding (not reserving) a unit of the slot ``tag``."""
+        state = self.read_slot(tag)
+        if state.simple is not None:
+            return [json.loads(state.simple)[0]]
+        return [t for t, expiry in state.units
+                if expiry > state.now_ms and not state.info.get(t, "@").startswith("@")]
 
 
 _stores: dict[CkeysConfig, Store] = {}
@@ -575,17 +570,17 @@ _stores_lock = threading.Lock()
 
 
 def store_for(config: CkeysConfig) -> Store:
-    """The process-wide :class:`Store` of ``config``: equal configs share one client."""
+    """The process-wide store of ``config``: equal configs share one client."""
     found = _stores.get(config)
     if found is None:
         with _stores_lock:
             found = _stores.get(config)
             if found is None:
-                found = _stores[config] = Store(config)
+                if config.redis_cluster:
+                    from .cluster import ClusterStore
+
+                    found = ClusterStore(config)
+                else:
+                    found = Store(config)
+                _stores[config] = found
     return found
-
-
-__all__ = [
-    "CONF", "DEFERRED", "HOLDERS", "MESSAGES", "META", "PARKED", "REDIS_ERRORS", "RESUMING",
-    "WAITING", "WAKE", "WOKEN", "AcquireResult", "Slot", "Store", "make_client", "store_for",
-]

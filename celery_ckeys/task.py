@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+from functools import partial
 from typing import Any, Callable, ClassVar, Optional, Union
 
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
@@ -14,6 +16,7 @@ from .errors import InvalidConcurrencyKey, InvalidConcurrencyQueue
 from .publish import install, prepare
 from .queues import ConcurrencyQueue, QueueLike, coerce_queue
 from .validation import check_limit
+from .worker import after_exit
 
 KeySpec = Union[str, Callable[..., str]]
 
@@ -25,16 +28,20 @@ class KeyedRequest(Request):  # type: ignore[misc]
     """Worker request class of keyed tasks; lives in the worker's main process.
 
     When a pool process dies under a run (SIGKILL, OOM, hard time limit, revoke with
-    terminate) nothing runs in that process, so the main process frees the run's slots
-    here, before Celery decides whether to requeue the message.
+    terminate) nothing runs in that process, so the main process frees the run's units.
+    Billiard reports a hard time limit (and Celery a terminate) *before* the process is
+    gone, so the release waits until it is: two bodies never overlap.
     """
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True,
                    return_ok: bool = False) -> Any:
         exc = getattr(exc_info, "exception", None)
         exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
-        if isinstance(exc, _PROCESS_GONE):
-            gate.release_lost(self.task, self, exc)
+        pid = self.worker_pid
+        if isinstance(exc, _PROCESS_GONE) and pid and pid != os.getpid():
+            release = partial(gate.release_lost, self.task, self.id, self.hostname or "", pid,
+                              dict(self.request_dict), self.args, self.kwargs, type(exc).__name__)
+            after_exit(pid, release)
         return super().on_failure(exc_info, send_failed_event=send_failed_event,
                                   return_ok=return_ok)
 

@@ -10,13 +10,19 @@ Settings you chose yourself are kept; a conflicting one is logged.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
-from celery.signals import celeryd_init, worker_ready, worker_shutdown
-
-from .naming import Names
+from celery.signals import (
+    celeryd_init,
+    task_rejected,
+    task_revoked,
+    task_unknown,
+    worker_ready,
+    worker_shutdown,
+)
 
 logger = logging.getLogger("celery_ckeys.worker")
 
@@ -72,12 +78,12 @@ def _tune_worker(sender: Any = None, instance: Any = None, conf: Any = None, **_
         conf.worker_eta_task_limit = config.eta_task_limit
 
 
-# -- the worker registry and the handoff sweeper, in each worker's main process --------
+# -- the worker's main process: registry, sweeper, and runs Celery drops or loses --------
 #
 # Each worker's main process lists itself in Redis: the broker queues it consumes and how
 # many processes (or threads) it runs, refreshed every few seconds with an expiry, so
 # that a run blocked in wait_for can tell when every process that could run its child is
-# itself blocked. The same thread sweeps the handoff lines every second.
+# itself blocked. The same thread sweeps the handoff lines that are due, every second.
 
 REGISTRY_REFRESH = 5.0
 SWEEP_INTERVAL = 1.0
@@ -92,17 +98,6 @@ def _worker_info(consumer: Any) -> dict[str, Any]:
     pool = getattr(consumer, "pool", None)
     concurrency = getattr(pool, "num_processes", None) or getattr(consumer.controller, "concurrency", 1)
     return {"queues": queues, "concurrency": int(concurrency or 1), "pool": type(pool).__name__}
-
-
-def _register(store: Any, hostname: str, info: dict[str, Any]) -> None:
-    import json
-
-    key = Names.redis_key(store.names.workers(), "reg")
-    script = ("local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000);"
-              " local info = cjson.decode(ARGV[2]); info['expires'] = now + tonumber(ARGV[3]);"
-              " redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(info));"
-              " redis.call('PEXPIRE', KEYS[1], ARGV[3])")
-    store.guarded(lambda c: c.eval(script, 1, key, hostname, json.dumps(info), REGISTRY_LIFETIME_MS))
 
 
 @worker_ready.connect(weak=False, dispatch_uid="celery_ckeys.worker_registry")
@@ -123,7 +118,7 @@ def _start_registry(sender: Any = None, **_: Any) -> None:
         while not stop.is_set():
             try:
                 if time.monotonic() - registered >= REGISTRY_REFRESH:
-                    _register(store, hostname, _worker_info(sender))
+                    store.register_worker(hostname, _worker_info(sender), REGISTRY_LIFETIME_MS)
                     registered = time.monotonic()
                 sweep(store)
             except CoordinationUnavailable:
@@ -137,8 +132,12 @@ def _start_registry(sender: Any = None, **_: Any) -> None:
 
 def sweep(store: Any) -> None:
     """The handoff's safety net: see ``sweep.lua``. Every worker's main process runs it."""
+    from .admission import slot_for_tag
+
     for tag, seen_due in store.due_lines():
-        store.sweep_line(tag, seen_due)
+        slot = slot_for_tag(store.config, store.names, tag)
+        if slot is not None:
+            store.sweep(slot, seen_due)
 
 
 @worker_shutdown.connect(weak=False, dispatch_uid="celery_ckeys.worker_registry_stop")
@@ -146,3 +145,107 @@ def _stop_registry(sender: Any = None, **_: Any) -> None:
     for hostname, stop in list(_registry_threads.items()):
         stop.set()
         _registry_threads.pop(hostname, None)
+
+
+class _Reaper:
+    """Calls a function once a process has exited (not merely been told to)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[int, float, Callable[[], None]]] = []
+        self._thread: Optional[threading.Thread] = None
+
+    def after_exit(self, pid: int, fn: Callable[[], None], give_up_after: float) -> None:
+        with self._lock:
+            self._waiting.append((pid, time.monotonic() + give_up_after, fn))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="ckeys-reaper", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    self._thread = None
+                    return
+                waiting = list(self._waiting)
+            now = time.monotonic()
+            for item in waiting:
+                pid, deadline, fn = item
+                gone = not _alive(pid)
+                if gone or now > deadline:
+                    with self._lock:
+                        self._waiting.remove(item)
+                    if gone:
+                        try:
+                            fn()
+                        except Exception:  # pragma: no cover - never kill the worker for this
+                            logger.exception("celery_ckeys: release after process exit failed")
+            time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` still runs code (a zombie, exited but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: alive until billiard reaps it
+    return state not in ("Z", "X")
+
+
+_reaper = _Reaper()
+
+
+def after_exit(pid: int, fn: Callable[[], None]) -> None:
+    """Run ``fn`` in the worker's main process once pool process ``pid`` has exited. A
+    process that outlives the lease is left to it (its units expire by then anyway)."""
+    _reaper.after_exit(pid, fn, give_up_after=1800.0)
+
+
+# Copies that Celery discards without running them give back what they reserved at once.
+
+@task_revoked.connect(weak=False, dispatch_uid="celery_ckeys.revoked")
+def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+    if not getattr(sender, "_ckeys_keyed", False) or request is None:
+        return
+    from . import gate
+
+    gate.forfeit(sender, request.id, gate.headers_of(request), request.args, request.kwargs,
+                 "expired" if expired else "revoked")
+
+
+@task_unknown.connect(weak=False, dispatch_uid="celery_ckeys.unknown")
+def _on_unknown(sender: Any = None, message: Any = None, name: Any = None, id: Any = None,
+                **_: Any) -> None:
+    _forfeit_message(sender, message, "unknown")
+
+
+@task_rejected.connect(weak=False, dispatch_uid="celery_ckeys.rejected")
+def _on_rejected(sender: Any = None, message: Any = None, **_: Any) -> None:
+    _forfeit_message(sender, message, "rejected")
+
+
+def _forfeit_message(consumer: Any, message: Any, why: str) -> None:
+    """A message no task of this worker could take: if it is a copy woken from a line, the
+    unit reserved for it goes to the next run."""
+    from types import SimpleNamespace
+
+    from . import gate
+    from .publish import HEADER_TICKET
+
+    app = getattr(consumer, "app", None)
+    headers = dict(getattr(message, "headers", None) or {})
+    if app is None or HEADER_TICKET not in headers or not _has_keyed_tasks(app):
+        return
+    name, task_id = headers.get("task"), headers.get("id")
+    if not isinstance(name, str) or not isinstance(task_id, str):
+        return
+    stand_in = SimpleNamespace(name=name, app=app, concurrency_key=None, _ckeys_queue=None)
+    gate.forfeit(stand_in, task_id, headers, (), {}, why)

@@ -48,6 +48,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         time.sleep(interval)
 
 
+def seed_holder(store: Any, run: Any, who: str, host: str = "gone") -> str:
+    """Take ``run``'s units straight in Redis as ``who`` (a holder whose worker vanished);
+    returns its hold token."""
+    from celery_ckeys.admission import plan_for
+
+    plan = plan_for(store.config, run)
+    assert plan is not None
+    token = json.dumps([who, host, 1, "seed", "", "t", time.time(), []], separators=(",", ":"))
+    assert store.acquire(plan.slots, who, token).ok
+    return token
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--chaos-runs", type=int, default=600,
                      help="runs in the chaos test (make chaos uses 10000)")
@@ -213,8 +225,11 @@ class Env:
         return Names(self.namespace)
 
     def holders(self, tag: str) -> list[str]:
-        raw = self.coord().zrange(Names.redis_key(tag, "h"), 0, -1)
-        return [x.decode() if isinstance(x, bytes) else x for x in raw]
+        """Task ids holding a unit of the slot ``tag`` (simple or full)."""
+        from celery_ckeys.config import get_config
+        from celery_ckeys.store import store_for
+
+        return store_for(get_config(self.app())).holders_of(tag)
 
     def broker_length(self, queue: str = "celery") -> int:
         return int(redis.Redis.from_url(self.broker).llen(queue))

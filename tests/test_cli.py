@@ -8,7 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
-from conftest import TESTS, Env, wait_until
+from conftest import TESTS, Env, seed_holder, wait_until
 
 
 def ckeys(env: Env, *args: str, input: str | None = None,
@@ -62,15 +62,13 @@ def test_status_shows_holders_and_deferred_runs_as_they_are(env: Env) -> None:
 
 def test_release_asks_first_and_frees_a_stuck_key(env: Env) -> None:
     # a stuck holder: taken straight in Redis, as if its worker host had vanished
-    from celery_ckeys.admission import RunSpec, plan_for
+    from celery_ckeys.admission import RunSpec
     from celery_ckeys.config import get_config
     from celery_ckeys.store import store_for
 
     app = env.app()
     store = store_for(get_config(app))
-    plan = plan_for(store.config, store.names, RunSpec(task_name="t", key="stuck"))
-    assert plan is not None
-    assert store.acquire(plan.slots, "ghost", {"t": "t", "w": "gone", "p": 1, "s": 0}, primary=1).ok
+    seed_holder(store, RunSpec(task_name="t", key="stuck"), "ghost")
     refused = ckeys(env, "release", "stuck", input="n\n", check=False)
     assert refused.returncode != 0 and "Force-release 1 slot(s)?" in refused.stdout
     assert env.holders(env.names.key("stuck")) == ["ghost"]
@@ -81,18 +79,16 @@ def test_release_asks_first_and_frees_a_stuck_key(env: Env) -> None:
 
 
 def test_release_a_queue_and_its_partitions(env: Env) -> None:
-    from celery_ckeys.admission import RunSpec, plan_for
+    from celery_ckeys.admission import RunSpec
     from celery_ckeys.config import get_config
     from celery_ckeys.queues import ConcurrencyQueue
     from celery_ckeys.store import store_for
 
     store = store_for(get_config(env.app()))
-    holder = {"t": "t", "w": "gone", "p": 1, "s": 0}
     for run, owner in ((RunSpec("t", queue=ConcurrencyQueue("q", 2)), "o1"),
                        (RunSpec("t", queue=ConcurrencyQueue("q", 2), key="a"), "o2"),
                        (RunSpec("t", queue=ConcurrencyQueue("q", 2), key="b"), "o3")):
-        plan = plan_for(store.config, store.names, run)
-        assert plan is not None and store.acquire(plan.slots, owner, holder, primary=1).ok
+        seed_holder(store, run, owner)
     out = json.loads(ckeys(env, "release", "--queue", "q", "--key", "a", "--yes", "--json").stdout)
     assert out["released"] == [{"slot": "queue q [a]", "task_id": "o2"}]
     out = json.loads(ckeys(env, "release", "--queue", "q", "--yes", "--json").stdout)

@@ -94,15 +94,15 @@ def test_a_releaser_that_dies_between_pop_and_publish_strands_nobody(env: Env) -
     holder_store: Store = store_for(get_config(app))
     from celery_ckeys.admission import RunSpec, plan_for
 
-    plan = plan_for(holder_store.config, holder_store.names, RunSpec("t", key="crash"))
+    plan = plan_for(holder_store.config, RunSpec("t", key="crash"))
     assert plan is not None
     # a holder from a "releaser" living in this test process
-    assert holder_store.acquire(plan.slots, "doomed", {"t": "t", "w": "x", "p": 1, "s": 0},
-                                primary=1).ok
+    token = json.dumps(["doomed", "x", 1, "n", "", "t", 0, []])
+    assert holder_store.acquire(plan.slots, "doomed", token).ok
     waiting = work.apply_async((["crash"], 0.0), concurrency_key="crash")
     wait_until(lambda: parked(env, env.names.key("crash")) == [waiting.id], 30, message="park")
     holder_store.on_wakes = None  # the releaser "dies" before it publishes what it woke
-    assert holder_store.release(plan.slots, "doomed") == 1
+    assert holder_store.release(plan.slots, "doomed", token) == 1
     assert parked(env, env.names.key("crash")) == []  # popped, reserved, never published
     out = waiting.get(timeout=60)
     assert out["slots"] == ["key crash"]
@@ -153,7 +153,7 @@ def test_switching_deferral_modes_live_loses_no_run(env: Env) -> None:
     assert len({e["id"] for e in env.events("start")}) == len(results)
 
 
-def test_a_run_with_arguments_json_cannot_carry_falls_back_to_countdown(env: Env) -> None:
+def test_a_run_with_arguments_json_cannot_carry_falls_back_to_countdown() -> None:
     from celery_ckeys.handoff import message_for
 
     class Request:
@@ -162,10 +162,15 @@ def test_a_run_with_arguments_json_cannot_carry_falls_back_to_countdown(env: Env
 
     class Task:
         name = "t"
+        args: list[object] = [object()]
 
         def signature_from_request(self, request: object, **options: object) -> dict[str, object]:
-            return {"task": "t", "args": [object()], "kwargs": {}, "options": options}
+            return {"task": "t", "args": self.args, "kwargs": {}, "options": options}
 
-    assert message_for(Task(), Request(), {}, 0.0) is None
-    assert json.loads(message_for(type("T", (Task,), {"signature_from_request": lambda self, r, **o: {
-        "task": "t", "args": [1], "kwargs": {}, "options": o}})(), Request(), {}, 0.0) or "{}")["id"] == "x"
+    assert message_for(Task(), Request(), {}) is None
+    ok = Task()
+    ok.args = [1]
+    envelope = json.loads(message_for(ok, Request(), {"ckeys_ticket": ["r", "t"], "a": 1}) or "{}")
+    assert envelope["sig"]["args"] == [1]
+    # the ticket is the line's to give, when the run is woken: a parked message carries none
+    assert envelope["sig"]["options"]["headers"] == {"a": 1}

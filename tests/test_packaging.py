@@ -21,14 +21,19 @@ def test_typed_and_scripts_ship_with_the_package() -> None:
     files = resources.files("celery_ckeys")
     assert (files / "py.typed").is_file()
     scripts = [f for f in (files / "lua").iterdir() if f.name.endswith(".lua")]
-    assert {f.name for f in scripts} >= {"acquire.lua", "release.lua", "renew.lua", "wait.lua",
-                                         "sweep.lua"}
+    assert {f.name for f in scripts} >= {"lib.lua", "acquire.lua", "release.lua", "renew.lua",
+                                         "wait.lua", "sweep.lua", "fence.lua", "limit.lua"}
     for script in scripts:
         text = script.read_text()
         assert text.startswith(f"-- {script.name}:")
         header = "\n".join(line for line in text.splitlines() if line.startswith("--"))
-        for part in ("KEYS", "ARGV", "Returns"):
+        # every script states its contract; the library states the key roles they share
+        parts = ("KEYS", "roles") if script.name == "lib.lua" else ("KEYS", "ARGV", "Returns")
+        for part in parts:
             assert part in header, f"{script.name} does not state its {part}"
+    # no Lua in Python: every script the store runs is one of these files
+    from celery_ckeys.store import SCRIPTS
+    assert {f"{name}.lua" for name in SCRIPTS} <= {f.name for f in scripts}
 
 
 def test_public_names() -> None:

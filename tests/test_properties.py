@@ -10,15 +10,14 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from celery_ckeys import ConcurrencyQueue, InvalidConcurrencyKey, InvalidTags
-from celery_ckeys.admission import RunSpec, plan_for
 from celery_ckeys.config import from_conf
 from celery_ckeys.embedded import RedisServer
 from celery_ckeys.naming import Names, parse_tag
 from celery_ckeys.queues import coerce_queue
-from celery_ckeys.store import HOLDERS, Store
+from celery_ckeys.slots import LimitSpec, Slot
+from celery_ckeys.store import Store
 from celery_ckeys.validation import check_key, check_limit, check_tags
 
 anything = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.binary(),
@@ -105,7 +104,7 @@ def test_encoding_cannot_reach_another_namespaces_state(ns1: str, ns2: str, key:
     assert tag is not None and (tag.queue, tag.key) == (key, "k:{x}")
 
 
-# -- the slot store against a model -------------------------------------------------------
+# -- the queue-limit rule: one in Python, one in Lua, always the same answer ----------------
 
 _server: dict[str, RedisServer] = {}
 _ns = itertools.count()
@@ -122,82 +121,23 @@ def teardown_module() -> None:
         _server.pop("s").stop()
 
 
-OWNERS = [f"o{i}" for i in range(5)]
-TARGETS = {"key:a": ("key", 1), "key:b": ("key", 1), "queue:q": ("queue", 2), "part:q[a]": ("part", 2)}
+small = st.one_of(st.none(), st.integers(1, 5))
 
 
-class SlotStore(RuleBasedStateMachine):
-    """Any sequence of acquire, renew, release and expire keeps the store equal to a model
-    in which a target never has more live holders than its limit and only owners release."""
-
-    @initialize(stepwise=st.booleans())
-    def setup(self, stepwise: bool) -> None:
-        config = from_conf({"ckeys_redis_url": store_url(), "ckeys_lock_ttl": 120},
-                           default_namespace=f"model-{next(_ns)}")
-        self.store = Store(config)
-        self.store.stepwise = stepwise
-        self.model: dict[str, set[str]] = {t: set() for t in TARGETS}
-        self.plans = {}
-        for target, (kind, limit) in TARGETS.items():
-            if kind == "key":
-                run = RunSpec("t", key=target)
-            elif kind == "queue":
-                run = RunSpec("t", queue=ConcurrencyQueue("q", limit))
-            else:
-                run = RunSpec("t", queue=ConcurrencyQueue("pq", limit), key="a")
-            plan = plan_for(config, self.store.names, run)
-            assert plan is not None
-            self.plans[target] = plan
-
-    def slot(self, target: str) -> Any:
-        return self.plans[target].slots[0]
-
-    @rule(owner=st.sampled_from(OWNERS), name=st.sampled_from(sorted(TARGETS)))
-    def acquire(self, owner: str, name: str) -> None:
-        target = name
-        limit = TARGETS[target][1]
-        holders = self.model[target]
-        expected = owner not in holders and len(holders) < limit
-        result = self.store.acquire(self.plans[target].slots, owner, {"t": "t", "w": "w", "p": 1, "s": 0},
-                                    primary=1)
-        assert result.ok == expected, (owner, target, holders)
-        if expected:
-            holders.add(owner)
-
-    @rule(owner=st.sampled_from(OWNERS), name=st.sampled_from(sorted(TARGETS)))
-    def release(self, owner: str, name: str) -> None:
-        target = name
-        released = self.store.release([self.slot(target)], owner)
-        assert released == (1 if owner in self.model[target] else 0)
-        self.model[target].discard(owner)
-
-    @rule(owner=st.sampled_from(OWNERS), name=st.sampled_from(sorted(TARGETS)))
-    def renew(self, owner: str, name: str) -> None:
-        target = name
-        assert self.store.renew([self.slot(target)], owner) == (1 if owner in self.model[target] else 0)
-
-    @rule(owner=st.sampled_from(OWNERS), name=st.sampled_from(sorted(TARGETS)))
-    def expire(self, owner: str, name: str) -> None:
-        target = name
-        """The owner's lease runs out (it stalled): its slot is free, and it cannot renew."""
-        if owner in self.model[target]:
-            self.store.client.zadd(self.slot(target).key(HOLDERS), {owner: 1})
-            self.model[target].discard(owner)
-
-    @invariant()
-    def never_over_the_limit_and_equal_to_the_model(self) -> None:
-        if not hasattr(self, "store"):
-            return
-        now = self.store.client.time()
-        now_ms = now[0] * 1000 + now[1] // 1000
-        for target, (_, limit) in TARGETS.items():
-            live = {o.decode() for o in self.store.client.zrangebyscore(
-                self.slot(target).key(HOLDERS), f"({now_ms}", "+inf")}
-            assert len(live) <= limit
-            assert live == self.model[target]
-
-
-SlotStore.TestCase.settings = settings(max_examples=int(os.environ.get("CKT_MODEL_EXAMPLES", "80")),
-                                       stateful_step_count=30, deadline=None,
-                                       suppress_health_check=[HealthCheck.too_slow])
-TestSlotStore = SlotStore.TestCase
+@settings(max_examples=int(os.environ.get("CKT_MODEL_EXAMPLES", "80")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(fixed=small, trigger=small, declared=small, cap=small, recorded=small,
+       per_key=st.booleans())
+def test_lua_and_python_resolve_a_limit_the_same_way(fixed: Any, trigger: Any, declared: Any,
+                                                     cap: Any, recorded: Any, per_key: bool) -> None:
+    config = from_conf({"ckeys_redis_url": store_url()}, default_namespace=f"lim-{next(_ns)}")
+    store = Store(config)
+    names = store.names
+    spec = LimitSpec(fixed=fixed) if fixed is not None else LimitSpec(
+        queue="q", trigger=trigger, declared=declared, cap=cap, unlimited_as=1 if per_key else None)
+    slot = Slot(tag=names.partition("q", "k"), kind="partition", label="p", limit=spec,
+                conf_tag=None if fixed is not None else names.queue("q"))
+    store.set_queue_limit("q", recorded)
+    python, _ = spec.resolve(recorded)
+    assert store.resolve_limits([slot]) == [python]
+    store.close()

@@ -87,9 +87,12 @@ def test_a_key_on_a_queue_without_any_limit_is_a_namespace_wide_mutex(env: Env) 
     work = env.app().tasks["ckt.work"]
     results = [work.apply_async((["unlimited:k"], 0.2), concurrency_queue="no-limit-anywhere",
                                 concurrency_key="k") for _ in range(4)]
+    # and it excludes the key's runs that have no queue at all
+    results.append(work.apply_async((["unlimited:k"], 0.2), concurrency_key="k"))
     outs = [r.get(timeout=60) for r in results]
     assert env.max("unlimited:k") == 1
-    assert outs[0]["slots"] == ["key k"]
+    # its partition (limit 1) as well, so a limit that comes later still sees it (protocol 6.4)
+    assert outs[0]["slots"] == ["queue no-limit-anywhere [k]", "key k"]
 
 
 def test_environment_limit_with_burst(env: Env) -> None:

@@ -1,151 +1,222 @@
-"""The slot store against a real redis-server, in both admission modes.
-
-``single``: one script call takes every slot (one Redis). ``stepwise``: one call per slot
-with compensation, as under Redis Cluster; the same guarantees must hold.
-"""
+"""The store against a real redis-server: one script call per step (Store), and the same
+steps one slot at a time (ClusterStore, as under Redis Cluster); the same guarantees hold.
+The protocol's interleavings are the model test's (test_model.py); these are its rules,
+one at a time, named."""
 
 from __future__ import annotations
 
 import itertools
-import time
-from typing import Iterator
+import json
+import uuid
+from typing import Any, Iterator
 
 import pytest
 
 from celery_ckeys.admission import RunSpec, plan_for
+from celery_ckeys.cluster import ClusterStore
 from celery_ckeys.config import from_conf
 from celery_ckeys.embedded import RedisServer
+from celery_ckeys.naming import UNITS, Names
 from celery_ckeys.queues import ConcurrencyQueue
-from celery_ckeys.store import HOLDERS, Store
+from celery_ckeys.store import Store, Wake, token_prefix
 
 _ns = itertools.count()
-HOLDER = {"t": "task", "w": "host", "p": 1, "s": 0}
 
 
 @pytest.fixture(params=["single", "stepwise"])
 def store(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Store]:
-    config = from_conf({"ckeys_redis_url": f"{redis_server.url}/0", "ckeys_lock_ttl": 5,
-                        "ckeys_environment_limit": None}, default_namespace=f"store-{next(_ns)}")
-    st = Store(config)
-    st.stepwise = request.param == "stepwise"
+    st = make(redis_server.url, request.param)
     yield st
     st.close()
 
 
-def with_conf(store: Store, **conf: object) -> Store:
-    config = from_conf({"ckeys_redis_url": store.config.redis_url, "ckeys_lock_ttl": 5, **conf},
-                       default_namespace=store.config.namespace)
-    st = Store(config)
-    st.stepwise = store.stepwise
-    return st
+def make(url: str, kind: str, namespace: str = "", **conf: Any) -> Store:
+    config = from_conf({"ckeys_redis_url": f"{url}/0", "ckeys_lock_ttl": 5, **conf},
+                       default_namespace=namespace or f"store-{next(_ns)}")
+    return (ClusterStore if kind == "stepwise" else Store)(config)
 
 
-def plan(store: Store, **run: object):  # type: ignore[no-untyped-def]
-    p = plan_for(store.config, store.names, RunSpec(task_name="t", **run))  # type: ignore[arg-type]
-    assert p is not None
-    return p
+def with_conf(store: Store, **conf: Any) -> Store:
+    return make(store.config.redis_url.rsplit("/", 1)[0],
+                "stepwise" if isinstance(store, ClusterStore) else "single",
+                store.config.namespace, **conf)
 
 
-def test_a_key_admits_one_owner(store: Store) -> None:
-    p = plan(store, key="k")
-    first = store.acquire(p.slots, "a", HOLDER, primary=1)
-    second = store.acquire(p.slots, "b", HOLDER, primary=1)
-    assert first.ok and not second.ok
-    assert second.holder == "a" and second.limit == 1 and second.blocked == p.slots[0]
-    assert store.release(first.taken, "b") == 0, "a non-owner released the key"
-    assert store.release(first.taken, "a") == 1
-    assert store.release(first.taken, "a") == 0, "a second release freed something"
-    assert store.acquire(p.slots, "b", HOLDER, primary=1).ok
+def slots(store: Store, **run: Any) -> Any:
+    plan = plan_for(store.config, RunSpec(task_name="t", **run))
+    assert plan is not None
+    return plan.slots
 
 
-def test_the_same_task_id_is_not_admitted_twice(store: Store) -> None:
-    p = plan(store, key="dup")
-    assert store.acquire(p.slots, "same", HOLDER, primary=1).ok
-    again = store.acquire(p.slots, "same", HOLDER, primary=1)
-    assert not again.ok and again.holder == "same"
+def token(who: str, host: str = "host", pid: int = 1, ticket: str = "") -> str:
+    return json.dumps([who, host, pid, uuid.uuid4().hex[:8], ticket, "t", 0, []],
+                      separators=(",", ":"))
+
+
+def take(store: Store, s: Any, who: str, **kw: Any) -> tuple[bool, str]:
+    tok = token(who, ticket=kw.get("ticket", ""))
+    return store.acquire(s, who, tok, **kw).ok, tok
+
+
+def test_a_key_admits_one_owner_and_only_the_owner_releases(store: Store) -> None:
+    s = slots(store, key="k")
+    ok, a = take(store, s, "a")
+    blocked = store.acquire(s, "b", token("b"))
+    assert ok and blocked.status == "blocked"
+    assert blocked.holder == "a" and blocked.limit == 1 and blocked.blocked == s[0]
+    assert store.release(s, "a", token("a")) == 0, "another token of the same run released it"
+    assert store.release(s, "b", token("b")) == 0, "a non-owner released the key"
+    assert store.release(s, "a", a) == 1
+    assert store.release(s, "a", a) == 0, "a second release freed something"
+    assert take(store, s, "b")[0]
+
+
+def test_a_second_copy_of_a_running_run_waits_and_never_parks(store: Store) -> None:
+    s = slots(store, key="k")
+    assert take(store, s, "a")[0]
+    again = store.acquire(s, "a", token("a"), message="?")
+    # busy: a copy of a run that executes right now goes back to the broker, not in line
+    assert again.status == "blocked" and not again.parked
 
 
 def test_a_queue_admits_its_limit(store: Store) -> None:
-    p = plan(store, queue=ConcurrencyQueue("q", 3))
-    results = [store.acquire(p.slots, f"o{i}", HOLDER, primary=1) for i in range(5)]
-    assert [r.ok for r in results] == [True, True, True, False, False]
+    s = slots(store, queue=ConcurrencyQueue("q", 2))
+    assert [take(store, s, o)[0] for o in "abc"] == [True, True, False]
 
 
 def test_all_or_nothing_when_the_environment_is_full(store: Store) -> None:
-    st = with_conf(store, ckeys_environment_limit=1, ckeys_burst_factor=1.0)
-    pa = plan(st, queue=ConcurrencyQueue("qa", 5))
-    pb = plan(st, queue=ConcurrencyQueue("qb", 5))
-    assert st.acquire(pa.slots, "a", HOLDER, primary=1).ok
-    blocked = st.acquire(pb.slots, "b", HOLDER, primary=1)
-    assert not blocked.ok and blocked.blocked is not None and blocked.blocked.kind == "env"
-    holders_b = st.client.zrange(pb.slots[0].key(HOLDERS), 0, -1)
-    assert holders_b == [], "the blocked run kept its queue slot"
+    env = with_conf(store, ckeys_environment_limit=1, ckeys_burst_factor=1.0)
+    assert take(env, slots(env, key="x"), "a")[0]
+    # another task (its own implicit queue has room): only the environment is full
+    other = plan_for(env.config, RunSpec(task_name="u", key="y"))
+    assert other is not None
+    result = env.acquire(other.slots, "b", token("b"))
+    assert result.status == "blocked" and result.blocked is not None
+    assert result.blocked.kind == "env"
+    assert env.holders_of(env.names.key("y")) == [], "a slot stayed taken by a refused run"
 
 
 def test_a_trigger_time_limit_is_recorded_and_used_from_then_on(store: Store) -> None:
-    set_3 = plan(store, queue=ConcurrencyQueue("main", 3), queue_from_trigger=True)
-    by_name = plan(store, queue=ConcurrencyQueue("main"), queue_from_trigger=True)
-    assert store.acquire(set_3.slots, "a", HOLDER, primary=1).ok
-    assert store.queue_limit("main") == 3
-    assert [store.acquire(by_name.slots, o, HOLDER, primary=1).ok for o in "bcd"] == [True, True, False]
+    assert take(store, slots(store, queue=ConcurrencyQueue("tq", 1), queue_from_trigger=True), "a")[0]
+    assert store.queue_limit("tq") == 1
+    assert not take(store, slots(store, queue=ConcurrencyQueue("tq")), "b")[0]
 
 
 def test_a_declared_limit_applies_until_a_limit_is_recorded(store: Store) -> None:
-    declared = plan(store, queue=ConcurrencyQueue("decl", 1), declared_limit=1)
-    assert store.acquire(declared.slots, "a", HOLDER, primary=1).ok
-    assert not store.acquire(declared.slots, "b", HOLDER, primary=1).ok
-    store.set_queue_limit("decl", 2)  # an operator raises it
-    assert store.acquire(declared.slots, "b", HOLDER, primary=1).ok
+    s = slots(store, queue=ConcurrencyQueue("dq", 1))
+    assert take(store, s, "a")[0] and not take(store, s, "b")[0]
+    store.set_queue_limit("dq", 2)
+    assert take(store, s, "b")[0]
 
 
 def test_partitions_each_get_the_full_limit(store: Store) -> None:
-    for user in ("u1", "u2"):
-        p = plan(store, queue=ConcurrencyQueue("paid", 2), key=user)
-        assert [store.acquire(p.slots, f"{user}-{i}", HOLDER, primary=1).ok for i in range(3)] == \
-            [True, True, False]
+    for key in ("u1", "u2"):
+        s = slots(store, queue=ConcurrencyQueue("pq", 2), key=key)
+        assert [take(store, s, f"{key}-{o}")[0] for o in "abc"] == [True, True, False]
 
 
-def test_a_key_on_an_unlimited_queue_falls_back_to_the_key_mutex(store: Store) -> None:
-    on_queue = plan(store, queue=ConcurrencyQueue("free-for-all"), key="k")
-    key_only = plan(store, key="k")
-    first = store.acquire(on_queue.slots, "a", HOLDER, primary=1)
-    assert first.ok and [s.kind for s in first.taken] == ["key"]
-    assert not store.acquire(key_only.slots, "b", HOLDER, primary=1).ok
+def test_a_limit_that_comes_and_goes_never_splits_a_key(store: Store) -> None:
+    """Finding 8: with no limit the key's runs take the partition (limit 1) and the key
+    mutex; with one they take the partition: either way they meet in the partition."""
+    s = slots(store, queue=ConcurrencyQueue("flip"), key="k")
+    ok, first = take(store, s, "a")
+    assert ok and store.holders_of(store.names.key("k")) == ["a"]
+    for limit in (1, None, 1):
+        store.set_queue_limit("flip", limit)
+        assert not take(store, s, f"b{limit}")[0], f"a second run of k ran with limit {limit}"
+    assert not take(store, slots(store, key="k"), "c")[0], "the key without a queue ran too"
+    assert store.release(s, "a", first) == 2
 
 
 def test_renewal_extends_only_the_owners_lease(store: Store) -> None:
-    p = plan(store, key="r")
-    taken = store.acquire(p.slots, "a", HOLDER, primary=1).taken
-    key = p.slots[0].key(HOLDERS)
-    before = store.client.zscore(key, "a")
-    time.sleep(0.01)
-    assert store.renew(taken, "a") == 1
-    assert store.client.zscore(key, "a") > before
-    assert store.renew(taken, "b") == 0
+    """Finding 6: a stale copy of the same task id owns nothing."""
+    s = slots(store, key="r")
+    _ok, mine = take(store, s, "a")
+    stale = token("a", host="other", pid=2)
+    assert store.renew_many([(s, "a", stale, "hold")]) == [0]
+    assert store.renew_many([(s, "a", mine, "hold")]) == [1]
+    assert store.release(s, "a", stale) == 0
+    assert store.holders_of(s[0].tag) == ["a"]
 
 
 def test_an_expired_lease_is_not_renewed_and_frees_the_slot(store: Store) -> None:
-    p = plan(store, key="e")
-    taken = store.acquire(p.slots, "a", HOLDER, primary=1).taken
-    # age the lease to the past, as if the holder had stalled
-    store.client.zadd(p.slots[0].key(HOLDERS), {"a": 1})
-    assert store.renew(taken, "a") == 0
-    assert store.acquire(p.slots, "b", HOLDER, primary=1).ok
+    s = slots(store, key="e")
+    _ok, mine = take(store, s, "a")
+    store.client.delete(Names.redis_key(s[0].tag, UNITS))  # the lease ran out
+    assert take(store, s, "b")[0]
+    assert store.renew_many([(s, "a", mine, "hold")]) == [0]
+    assert store.release(s, "a", mine) == 0, "an expired lease freed the next holder's"
+    assert store.holders_of(s[0].tag) == ["b"]
 
 
-def test_release_by_pool_pid_spares_a_redelivered_copy(store: Store) -> None:
-    p = plan(store, key="pid")
-    store.acquire(p.slots, "t1", {**HOLDER, "w": "w1", "p": 11}, primary=1)
-    assert store.release(p.slots, "t1", only="w1\n99") == 0
-    assert store.release(p.slots, "t1", only="w2\n11") == 0
-    assert store.release(p.slots, "t1", only="w1\n11") == 1
+def test_release_of_a_lost_process_spares_a_copy_held_elsewhere(store: Store) -> None:
+    s = slots(store, queue=ConcurrencyQueue("lq", 2))
+    assert store.acquire(s, "a", token("a", host="h1", pid=7)).ok
+    assert store.release_lost(s, "a", token_prefix("a", "h2", 7)) == 0
+    assert store.release_lost(s, "a", token_prefix("a", "h1", 8)) == 0
+    assert store.release_lost(s, "a", token_prefix("a", "h1", 7)) == 1
 
 
-def test_fences_only_grow(store: Store) -> None:
-    p = plan(store, key="f")
+def test_fences_only_grow_and_a_stale_holder_gets_none(store: Store) -> None:
+    s = slots(store, key="f")
     fences = []
-    for owner in ("a", "b", "c"):
-        r = store.acquire(p.slots, owner, HOLDER, primary=1)
-        fences.append(r.fence)
-        store.release(r.taken, owner)
-    assert fences == sorted(fences) and len(set(fences)) == 3
+    for who in "abcd":
+        _ok, mine = take(store, s, who)
+        fences.append(store.fence(s[0], who, mine))
+        assert store.release(s, who, mine) == 1
+        assert store.fence(s[0], who, mine) == -1
+    assert fences == sorted(set(fences)) and len(fences) == 4
+
+
+def test_nothing_is_left_once_runs_end(store: Store) -> None:
+    """Issue 11: no coordination key outlives the runs, whatever the number of keys."""
+    held = []
+    for i in range(20):
+        s = slots(store, key=f"k{i}")
+        _ok, mine = take(store, s, f"r{i}")
+        held.append((s, f"r{i}", mine))
+    for s, who, mine in held:
+        assert store.release(s, who, mine) == 1
+    assert store.scan_tags() == {}
+
+
+def test_a_parked_run_is_woken_with_its_ticket_and_only_that_copy_claims(store: Store) -> None:
+    woke: list[Wake] = []
+    store.on_wakes = woke.extend
+    s = slots(store, key="w")
+    ok, holder = take(store, s, "h")
+    assert store.acquire(s, "p", token("p"), message="?").status == "needs_message"
+    parked = store.acquire(s, "p", token("p"), message='{"m":1}', new_ticket="T1")
+    assert parked.parked
+    assert store.acquire(s, "n", token("n"), message="?").status == "needs_message", \
+        "a fresh run passed the line"
+    assert store.release(s, "h", holder) == 1
+    assert woke == [Wake(s[0].tag, "T1", '{"m":1}')]
+    assert store.acquire(s, "p", token("p")).why == "parked", "a copy without the ticket ran"
+    ok, claimed = take(store, s, "p", ticket="T1", home=s[0].tag)
+    assert ok
+    assert store.acquire(s, "p", token("p", ticket="T1"), ticket="T1").why == "dup"
+    assert store.release(s, "p", claimed, "T1") == 1
+    assert store.acquire(s, "p", token("p", ticket="T1"), ticket="T1").why == "dup", \
+        "a copy of a finished stay ran again"
+
+
+def test_scripts_lost_in_a_restart_are_loaded_again(store: Store) -> None:
+    s = slots(store, key="n")
+    _ok, mine = take(store, s, "a")
+    store.client.script_flush()
+    assert store.renew_many([(s, "a", mine, "hold")]) == [1]
+    store.client.script_flush()
+    assert store.release(s, "a", mine) == 1
+
+
+def test_a_waiting_run_is_never_taken_for_idle(store: Store) -> None:
+    """A copy of a run blocked in wait_for must not take the fast path (the run waits, it
+    has not ended)."""
+    s = slots(store, key="wf")
+    _ok, mine = take(store, s, "p")
+    wait = json.dumps(["p", "host", 1, "w", ""])
+    assert store.step_out(s, "p", mine, wait) == 1
+    copy = store.acquire(s, "p", token("p"))
+    assert copy.status == "blocked", "a copy of a waiting run was admitted"
+    assert take(store, s, "other")[0], "the waiting run kept its unit"

@@ -1,309 +1,242 @@
--- acquire.lua: take every slot a run needs, or none of them (all-or-nothing admission).
+-- acquire.lua: admit a run (take a unit of every slot it needs) or not, in one call.
+-- docs/protocol.md sections 5 and 6.1.
 --
--- KEYS, seven per slot j = 1..n, in this order (b = 7j - 7):
---   KEYS[b+1]  holders   ZSET  owner -> lease expiry (ms, server time)
---   KEYS[b+2]  meta      HASH  owner -> holder JSON; "?"..owner -> deferral JSON (first and last
---                              deferral, count, the full slot's holders key, one holder of it);
---                              "#f" -> last fence
---   KEYS[b+3]  deferred  ZSET  owner -> time of its last deferral (ms)
---   KEYS[b+4]  resuming  ZSET  owner -> when it asked to resume (ms); resuming runs go first
---   KEYS[b+5]  parked    ZSET  owner -> when it was first deferred (ms): handoff's line, FIFO
---   KEYS[b+6]  woken     ZSET  owner -> when it was woken (ms): popped from the line, its message
---                              re-published, its place reserved until it arrives
---   KEYS[b+7]  messages  HASH  owner -> the parked or woken run's message (JSON); "#l" -> the
---                              slot's limit when a run last parked (for the sweeper);
---                              "~"..owner -> when a woken run claimed its place (cleared by its
---                              normal release; lets a redelivery of a copy that died go ahead)
--- then the conf HASHes that specs point at (KEYS[7n+1..]).
---
--- ARGV[1]  owner: the run's task id
--- ARGV[2]  lease, ms
--- ARGV[3]  holder JSON, stored as given (task name, worker, pid, tags) for status and for
---          the worker main process's release-by-pid
--- ARGV[4]  slot specs, a JSON array with one object per slot:
---            {"l": N}   fixed limit N
---            {"c": i, "s": S, "d": D, "x": X, "a": j2}
---                       a queue's limit: S (a trigger-time limit, written to field "limit" of
---                       KEYS[i] first), else that recorded field, else D (declared in code),
---                       capped by X (the environment's base limit; also the default when the
---                       rest gives nothing). No limit at all means the slot is unlimited: slot j2
---                       (the namespace-wide key mutex, limit 1) is used instead when "a" is set,
---                       otherwise nothing is taken for it.
---            {"alt": true, "l": 1}   only used as some slot's "a"; skipped otherwise
--- ARGV[5]  index of the primary slot, where a deferral is recorded; 0 for none
--- ARGV[6]  how long deferral records live, ms
--- ARGV[7]  who asks: "fresh" (a run that has not started), "resume" (back from wait_for: it
---          waits only for runs that resumed earlier) or "woken" (a parked run the handoff woke:
---          it waits for resuming runs and runs woken before it, never for fresh ones; if it is
---          no longer listed as woken, and no claim of it survives a copy that died, it is a
---          duplicate copy and is turned away)
--- ARGV[8]  the run's message (JSON) to park when it is blocked (handoff), or "" to not park
--- ARGV[9]  when the run was first deferred (ms), its place in the parked line
---
--- Fresh runs never pass runs that are parked or woken on a slot: when such a slot has room
--- (a wake was lost, or a holder's lease ran out), the fresh run wakes the oldest parked run
--- instead of taking the room, and stands in line itself.
---
--- Returns {1, fence, "j1,j2,..."}         every slot was taken; fence only ever grows per primary
---                                         slot; the string lists the slots actually taken
---         {0, j, holder, limit, parked, wake...}
---                                         slot j is full; holder is one owner in it ("" when it is
---                                         reserved); parked is 1 when the run now waits in slot j's
---                                         line, 2 when it started that line (the caller lists it
---                                         for the sweeper); each wake is a woken run's message
---         {2}                             a woken run that is no longer woken: a duplicate copy
+-- KEYS  per slot j = 1..n: the nine role keys of lib.lua; then the n memo keys
+--       ("ckeys:{tag}:x:<task id>"); then the queue conf HASHes the specs name; then, on
+--       one Redis, the sweep index (ARGV[13] gives its position; 0 under Cluster).
+-- ARGV  1 task id
+--       2 the hold token it will hold with
+--       3 mode: "run"      a delivery of the run
+--               "claimed"  the same, under Cluster, after it claimed its woken reservation on
+--                          an earlier slot: it was first in line, so lines do not hold it back
+--               "resume"   back from wait_for: claims the units reserved for it
+--               "reserve"  under Cluster, resume's first pass: only makes sure a unit of each
+--                          slot is reserved for it, converts nothing
+--       4 run: the ticket the copy carries ("" none); resume, reserve: its wait token
+--       5 ticket to park under when it carries none
+--       6 message to park when blocked: "" never park (countdown), "?" ask for it
+--       7 order in a line (first deferral, ms; 0: now)
+--       8 lease ms   9 claim window ms   10 countdown ms   11 deferral memory ms
+--       12 primary slot (where a countdown deferral is recorded; 0 none)
+--       13 index key position   14 n   15.. one limit spec per slot (lib.lua resolve_limit)
+-- Returns, the last element always the wakes {j, "ticket\nmessage", ...} to publish:
+--   {1, "j1,j2", claimed, wakes}        admitted; the slots taken; 1 if it claimed a woken
+--                                       reservation (it was first in line), else 0
+--   {0, j, holder, limit, parked, wakes} slot j blocks; parked is 1 when the run now waits
+--                                       in its line (handoff)
+--   {2, "dup" | "parked", wakes}        a copy that must not run (protocol.md section 5)
+--   {3, wakes}                          blocked, and the message to park was not given
+--   {4, wakes}                          reserve: a unit of every slot is reserved for it
 
-local owner = ARGV[1]
-local lease = tonumber(ARGV[2])
-local holder_json = ARGV[3]
-local specs = cjson.decode(ARGV[4])
-local primary = tonumber(ARGV[5])
-local memory = tonumber(ARGV[6])
-local mode = ARGV[7]
-local message = ARGV[8]
-local first_deferred = tonumber(ARGV[9]) or 0
+local who, token, mode = ARGV[1], ARGV[2], ARGV[3]
+local ticket, new_ticket, message = ARGV[4], ARGV[5], ARGV[6]
+local order = tonumber(ARGV[7])
+local lease, window, countdown, memory = tonumber(ARGV[8]), tonumber(ARGV[9]),
+  tonumber(ARGV[10]), tonumber(ARGV[11])
+local primary = tonumber(ARGV[12])
+local idx = ARGV[13] ~= "0" and KEYS[tonumber(ARGV[13])] or ""
+N = tonumber(ARGV[14])
+local SPECS = 15
+local resuming = mode == "resume" or mode == "reserve"
 
-local t = redis.call("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-
-local function key(j, i)
-  return KEYS[7 * j - 7 + i]
-end
-
-local function extend(k, ms)
-  if redis.call("PTTL", k) < ms then
-    redis.call("PEXPIRE", k, ms)
+-- Fast path: an idle slot (no key at all), a fixed limit, nothing to record: one SET.
+if N == 1 and mode == "run" and ticket == "" and string.sub(ARGV[SPECS], 1, 1) == "=" then
+  if redis.call("SET", key(1, H), token, "NX", "PX", lease) then
+    return {1, "1", 0, {}}
   end
 end
 
--- Drop expired holders; returns whether the slot has reservations or a line (resuming,
--- parked or woken runs). Most slots have none, and then one EXISTS answers for all three.
-local function prune(j)
-  local h, m = key(j, 1), key(j, 2)
-  if redis.call("ZCOUNT", h, "-inf", now) > 0 then
-    local expired = redis.call("ZRANGEBYSCORE", h, "-inf", now)
-    redis.call("ZREMRANGEBYSCORE", h, "-inf", now)
-    redis.call("HDEL", m, unpack(expired))
-  end
-  if redis.call("EXISTS", key(j, 4), key(j, 5), key(j, 6)) == 0 then
-    return false
-  end
-  -- a resuming run that vanished must not hold its reservation for ever
-  redis.call("ZREMRANGEBYSCORE", key(j, 4), "-inf", now - lease)
-  -- a woken run that never arrived (its message lost, and no sweeper for a whole lease)
-  -- goes back in line at its old place: parked runs are never dropped
-  local gone = redis.call("ZRANGEBYSCORE", key(j, 6), "-inf", now - lease)
-  for _, who in ipairs(gone) do
-    redis.call("ZREM", key(j, 6), who)
-    local msg = redis.call("HGET", key(j, 7), who)
-    local first = now
-    if msg then
-      first = tonumber(cjson.decode(msg)["first"]) or now
-    end
-    redis.call("ZADD", key(j, 5), "NX", first, who)
-  end
-  return true
-end
+now_ms()
+resolve_all(N, SPECS, not resuming)
 
--- Pop the oldest parked run of slot j into the woken set; returns its message or nil.
-local function wake_one(j)
-  local head = redis.call("ZPOPMIN", key(j, 5))
-  if #head == 0 then
-    return nil
-  end
-  local who = head[1]
-  redis.call("ZADD", key(j, 6), now, who)
-  return redis.call("HGET", key(j, 7), who)
-end
-
-local n = #specs
-local limits = {}
-local used = {}
-
--- Resolve limits and decide which slots are needed.
-for j = 1, n do
-  local s = specs[j]
-  if s["alt"] then
-    -- taken only when a queue slot falls back to it
-  elseif s["l"] then
-    limits[j] = s["l"]
-    used[#used + 1] = j
-  else
-    local conf = KEYS[s["c"]]
-    local lim = nil
-    if s["s"] then
-      redis.call("HSET", conf, "limit", s["s"])
-      lim = s["s"]
+-- What this run finds on each slot it needs.
+local C = {}
+local claimed = mode == "claimed"
+for j = 1, N do
+  if USED[j] then
+    load(j)
+    prune(j, window, idx)
+    if resuming then
+      if redis.call("HGET", key(j, I), who) == "@r" .. ticket then
+        C[j] = "claim"
+      else
+        -- not reserved yet (or its wait ended without its child): in the resume order
+        join_wait(j, who, ticket, lease)
+        redis.call("ZADD", key(j, R), "NX", NOW, who)
+        C[j] = "resume"
+      end
     else
-      lim = tonumber(redis.call("HGET", conf, "limit")) or s["d"]
-    end
-    if lim == nil then
-      lim = s["x"]
-    elseif s["x"] and s["x"] < lim then
-      lim = s["x"]
-    end
-    if lim ~= nil then
-      limits[j] = lim
-      used[#used + 1] = j
-    elseif s["a"] then
-      limits[s["a"]] = 1
-      used[#used + 1] = s["a"]
+      local found = classify(j, who, ticket)
+      if found == "dup" or found == "parked" then
+        if found == "dup" then
+          -- its stay ran (or runs): a unit still woken for it anywhere is stale
+          for k = 1, N do
+            load(k)
+            unclaim(k, who, ticket, LIM[k], window, idx)
+          end
+        end
+        settle_all(lease)
+        return {2, found, OUT}
+      end
+      C[j] = found
+      claimed = claimed or found == "claim"
     end
   end
 end
 
-if primary > 0 and limits[primary] == nil and specs[primary]["a"] then
-  primary = specs[primary]["a"]
-end
-
--- A woken run must still be listed as woken on some slot it needs; else it is a duplicate.
--- A woken run may also come back after the copy that claimed its place died mid-body
--- (Celery redelivers it): the claim ("~"..owner in messages) stays until a normal release,
--- so that copy may go ahead as long as nobody holds the slots in its name.
-if mode == "woken" then
-  local listed, claimed, running = false, false, false
-  for _, j in ipairs(used) do
-    if redis.call("ZSCORE", key(j, 6), owner) then
-      listed = true
+-- A unit woken for this copy on a slot its plan no longer needs goes back at once: it is
+-- admitted, parked or deferred from here on without it.
+if not resuming then
+  for j = 1, N do
+    if not USED[j] then
+      load(j)
+      unclaim(j, who, ticket, LIM[j], window, idx)
     end
-    if redis.call("HEXISTS", key(j, 7), "~" .. owner) == 1 then
-      claimed = true
-    end
-    if redis.call("ZSCORE", key(j, 1), owner) then
-      running = true
-    end
-  end
-  if not listed and (running or not claimed) then
-    return {2}
   end
 end
 
 -- Check every slot before taking any.
-local queued = {}
-for _, j in ipairs(used) do
-  queued[j] = prune(j)
-  local h, r, p, v = key(j, 1), key(j, 4), key(j, 5), key(j, 6)
-  local count = redis.call("ZCARD", h)
-  local mine = redis.call("ZSCORE", h, owner)
-  local ahead = 0
-  local line = 0
-  if mode ~= "resume" and not queued[j] then
-    -- nobody resuming, parked or woken here: only the holders count
-  elseif mode == "resume" then
-    redis.call("ZADD", r, "NX", now, owner)
-    extend(r, lease)
-    ahead = redis.call("ZCOUNT", r, "-inf", "(" .. redis.call("ZSCORE", r, owner))
-  elseif mode == "woken" then
-    ahead = redis.call("ZCARD", r)
-    local since = redis.call("ZSCORE", v, owner)
-    if since then
-      ahead = ahead + redis.call("ZCOUNT", v, "-inf", "(" .. since)
+local blocked = nil
+for j = 1, N do
+  if USED[j] then
+    local c, ok = C[j], false
+    if c == "claim" then
+      ok = true
+    elseif c == "resume" then
+      ok = redis.call("ZRANGE", key(j, R), 0, 0)[1] == who
+        and units(j) < LIM[j]
+    elseif c == "fresh" then
+      ok = units(j) < LIM[j] and redis.call("EXISTS", key(j, R)) == 0
+        and (claimed or redis.call("EXISTS", key(j, P)) == 0)
+    end
+    if not ok then
+      blocked = j
+      break
+    end
+  end
+end
+
+if blocked == nil then
+  if mode == "reserve" then
+    for j = 1, N do
+      if USED[j] and C[j] == "resume" then
+        redis.call("ZREM", key(j, R), who)
+        reserve_resume(j, who)
+      end
+    end
+    settle_all(lease)
+    return {4, OUT}
+  end
+  local taken = {}
+  for j = 1, N do
+    if USED[j] then
+      redis.call("ZADD", key(j, H), NOW + lease, who)
+      redis.call("HSET", key(j, I), who, token, "#l", LIM[j])
+      if resuming then
+        redis.call("ZREM", key(j, R), who)
+        redis.call("ZREM", key(j, W), who)
+        redis.call("HDEL", key(j, V), who)
+        redis.call("ZREM", key(j, H), WAITER .. who)
+      elseif C[j] == "claim" then
+        redis.call("HDEL", key(j, M), who)
+      end
+      taken[#taken + 1] = tostring(j)
+    end
+  end
+  if resuming then
+    -- a slot it waited on that it no longer needs (its limit was cleared meanwhile)
+    for j = 1, N do
+      if not USED[j] and redis.call("HEXISTS", key(j, V), who) == 1 then
+        load(j)
+        drop_wait(j, who)
+      end
+    end
+  end
+  if primary > 0 then
+    redis.call("HDEL", key(primary, F), who)
+  end
+  settle_all(lease)
+  return {1, table.concat(taken, ","), claimed and 1 or 0, OUT}
+end
+
+local b = blocked
+local holder = some_holder(b)
+if resuming then
+  -- Keep the places it reached before slot b (first in the resume order with room becomes a
+  -- reservation); after b it gives back what was reserved for it and leaves the order.
+  -- Like a parked run (below), a waiting run keeps units only of slots earlier in its plan
+  -- than the one it waits on, so no two runs ever wait on each other.
+  for j = 1, N do
+    if USED[j] and j < b and C[j] == "resume"
+        and redis.call("ZRANGE", key(j, R), 0, 0)[1] == who and units(j) < LIM[j] then
+      redis.call("ZREM", key(j, R), who)
+      reserve_resume(j, who)
+    elseif USED[j] and j > b then
+      -- no priority there either until it gets past b: it joins that order again then
+      redis.call("ZREM", key(j, R), who)
+      if C[j] == "claim" then
+        give_back(j, who, LIM[j], window, idx)
+      end
+    end
+  end
+  settle_all(lease)
+  return {0, b, holder, LIM[b], 0, OUT}
+end
+if message == "?" and C[b] ~= "busy" then
+  settle_all(lease)
+  return {3, OUT}
+end
+
+-- What this copy claimed: the run now waits here (handoff) or in the broker (countdown).
+-- Parking, it keeps ("@h") the units it claimed on slots *before* this one in its plan and
+-- waits at the head of this line: plans always order slots partition, key, queue,
+-- environment, so a run keeps units only of slots earlier than the one it waits on, and no
+-- two runs can wait on each other (two woken runs that each claimed one of two slots both
+-- need would otherwise hand them back and forth for ever). Everything else goes back.
+local parking = message ~= "" and C[b] ~= "busy"
+local kept = false
+for j = 1, N do
+  if USED[j] and C[j] == "claim" then
+    redis.call("HDEL", key(j, M), who)
+    if parking and j < b then
+      local ticket_here = string.sub(redis.call("HGET", key(j, I), who), 3)
+      redis.call("ZADD", key(j, H), NOW + lease, who)
+      redis.call("HSET", key(j, I), who, "@h" .. ticket_here)
+      kept = true
     else
-      ahead = ahead + redis.call("ZCARD", v)
+      give_back(j, who, LIM[j], window, idx)
     end
-  else
-    ahead = redis.call("ZCARD", r) + redis.call("ZCARD", v)
-    line = redis.call("ZCARD", p)
-    if redis.call("ZSCORE", p, owner) then
-      line = line - 1  -- a redelivered copy of a parked run does not wait behind itself
-    end
-  end
-  if mine or count + ahead >= limits[j] or line > 0 then
-    local wakes = {}
-    if not mine and line > 0 and count + ahead < limits[j] then
-      -- room that nobody in line was woken for: wake the oldest instead of passing it
-      local woke = wake_one(j)
-      if woke then
-        wakes[#wakes + 1] = woke
-      end
-    end
-    local holder = mine and owner or (redis.call("ZRANGE", h, 0, 0)[1] or "")
-    local parked = 0
-    if message ~= "" and not mine then
-      -- handoff: wait in this slot's line (keeping an earlier place), in Redis, not a worker
-      for _, k in ipairs(used) do
-        local off = redis.call("ZREM", key(k, 6), owner)
-        if k ~= j then
-          off = off + redis.call("ZREM", key(k, 5), owner)
-          if off > 0 then
-            redis.call("HDEL", key(k, 7), owner)
-          end
-        end
-      end
-      -- no expiry: Redis drops an empty line by itself, and a parked run must never vanish
-      local fresh_line = redis.call("EXISTS", p) == 0
-      redis.call("ZADD", p, "NX", first_deferred > 0 and first_deferred or now, owner)
-      redis.call("HSET", key(j, 7), owner, message, "#l", limits[j])
-      parked = fresh_line and 2 or 1
-      -- status lists it in the line; it is not also a countdown deferral
-      if primary > 0 and redis.call("ZREM", key(primary, 3), owner) == 1 then
-        redis.call("HDEL", key(primary, 2), "?" .. owner)
-      end
-    elseif primary > 0 then
-      -- a countdown deferral: remember it on the primary slot, for status and explain
-      local pm, pd = key(primary, 2), key(primary, 3)
-      local rec = redis.call("HGET", pm, "?" .. owner)
-      local first, times = now, 0
-      if rec then
-        local old = cjson.decode(rec)
-        first, times = old["first"], old["n"]
-      end
-      redis.call("ZREMRANGEBYSCORE", pd, "-inf", now - memory)
-      redis.call("ZADD", pd, now, owner)
-      redis.call("HSET", pm, "?" .. owner, cjson.encode({
-        first = first, at = now, n = times + 1, blocked = h, holder = holder, limit = limits[j],
-        info = holder_json,
-      }))
-      extend(pd, memory)
-      extend(pm, memory)
-    end
-    local reply = {0, j, holder, limits[j], parked}
-    for _, w in ipairs(wakes) do
-      reply[#reply + 1] = w
-    end
-    return reply
   end
 end
 
--- Take them all.
-local taken = {}
-for _, j in ipairs(used) do
-  local h, m = key(j, 1), key(j, 2)
-  redis.call("ZADD", h, now + lease, owner)
-  redis.call("HSET", m, owner, holder_json)
-  if redis.call("ZREM", key(j, 3), owner) == 1 then
-    redis.call("HDEL", m, "?" .. owner)
+local parked = 0
+if parking then
+  -- (a copy of a run that executes right now waits in the broker instead: a run is never
+  -- in a line of a slot it holds or waits on)
+  local at = order > 0 and order or NOW
+  if kept then
+    at = at - 1e13 -- ahead of every run that keeps nothing, first come first served
   end
-  if mode == "resume" then
-    redis.call("ZREM", key(j, 4), owner)
+  redis.call("ZADD", key(b, P), "NX", at, who)
+  redis.call("HSET", key(b, M), who, (ticket ~= "" and ticket or new_ticket) .. "\n" .. message)
+  redis.call("HSET", key(b, I), "#l", LIM[b])
+  index(idx, b, NOW + countdown)
+  if primary > 0 then
+    redis.call("HDEL", key(primary, F), who)
   end
-  if queued[j] or mode ~= "fresh" then
-    -- no longer woken or parked anywhere (also drops a stale copy's place in line)
-    local off = redis.call("ZREM", key(j, 6), owner) + redis.call("ZREM", key(j, 5), owner)
-    if off > 0 then
-      redis.call("HDEL", key(j, 7), owner)
-    end
-    if mode == "woken" then
-      -- the claim: a redelivery of this woken run may still come if this copy dies
-      redis.call("HSET", key(j, 7), "~" .. owner, now)
-    end
+  parked = 1
+elseif primary > 0 then
+  -- a countdown deferral: remembered on the primary slot for status and explain
+  local f = key(primary, F)
+  local old = redis.call("HGET", f, who)
+  local first, times = NOW, 0
+  if old then
+    local rec = cjson.decode(old)
+    first, times = rec["first"], rec["n"]
   end
-  extend(h, lease)
-  extend(m, lease)
-  taken[#taken + 1] = tostring(j)
+  redis.call("HSET", f, who, cjson.encode({first = first, at = NOW, n = times + 1,
+    blocked = tag_of(b), holder = holder, limit = LIM[b], info = token}))
+  extend(f, memory)
 end
-
--- The fence lives on the primary slot (else the last slot taken): it only ever grows
--- there, and falls back to server time when the slot's state has expired.
-local fence = 0
-local fj = primary
-if fj == 0 or limits[fj] == nil then
-  fj = used[#used]
-end
-if fj ~= nil then
-  local m = key(fj, 2)
-  fence = math.max((tonumber(redis.call("HGET", m, "#f")) or 0) + 1, now)
-  redis.call("HSET", m, "#f", fence)
-end
-
-return {1, fence, table.concat(taken, ",")}
+settle_all(lease)
+return {0, b, holder, LIM[b], parked, OUT}

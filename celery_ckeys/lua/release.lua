@@ -1,74 +1,96 @@
--- release.lua: give back the slots one run holds; compare-and-delete, never a bare DEL.
--- Each slot given back wakes the oldest run parked on it (handoff), unless runs back from
--- wait_for are waiting for it: they go first, and are woken through their wake list.
+-- release.lua: give back what one run holds. docs/protocol.md section 6.2.
 --
--- KEYS, seven per slot j = 1..n (b = 7j - 7):
---   KEYS[b+1]  holders   ZSET  owner -> lease expiry (ms)
---   KEYS[b+2]  meta      HASH  owner -> holder JSON
---   KEYS[b+3]  resuming  ZSET  runs back from wait_for, waiting for a slot here
---   KEYS[b+4]  wake      LIST  pushed to when runs wait to resume here, so they need not poll
---   KEYS[b+5]  parked    ZSET  owner -> first deferral (ms): the handoff line
---   KEYS[b+6]  woken     ZSET  owner -> when it was woken (ms)
---   KEYS[b+7]  messages  HASH  owner -> parked or woken run's message
--- ARGV[1]  owner: the run's task id
--- ARGV[2]  "" to release unconditionally (the run itself), or "<worker>\n<pid>": release only
---          the slots whose holder record names that worker and pool process. The worker's main
---          process uses this after a pool process died, so it can never free a slot that a
---          redelivered copy of the same task id has since taken elsewhere.
---
--- Returns {released, wake...}: the number of slots released (releasing twice releases nothing
--- the second time, and a lease that had already run out counts as nothing released), then the
--- message of each parked run woken, for the caller to publish.
--- Woken runs stay listed as woken (their place reserved) until they arrive.
+-- KEYS  as acquire.lua: nine role keys per slot, the n memo keys, the conf keys the specs
+--       name, the sweep index (ARGV[9] gives its position; 0 under Cluster).
+-- ARGV  1 mode: "normal" (the run's own end), "lost" (its pool process is gone),
+--         "forfeit" (Celery discarded this copy: revoked, expired, unknown task), "unclaim"
+--         (Redis Cluster: a copy gives back the unit woken for its ticket on a slot it does
+--         not need, or whose stay already ran), or "keep"
+--         (Redis Cluster: a copy that took this unit, then found a later slot of its plan
+--         full, keeps it as "@h" while it waits there; see acquire.lua)
+--       2 task id
+--       3 normal: the hold token; lost: the token prefix [task id, host, pid, naming the
+--         dead process; forfeit: unused
+--       4 ticket: normal and forfeit write the memo "done:"..ticket when it is not ""
+--       5 lease ms   6 claim window ms   7 memo life ms   8 unused   9 index key position
+--       10 n   11.. one limit spec per slot (to refill with the limit resolved now)
+-- Returns {released, wakes}: how many units were freed (a lease that had run out frees
+-- nothing, so releasing twice frees nothing the second time), then the wakes to publish.
 
-local owner = ARGV[1]
-local only = ARGV[2]
+local mode, who, token, ticket = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local lease, window, memo = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local idx = ARGV[9] ~= "0" and KEYS[tonumber(ARGV[9])] or ""
+N = tonumber(ARGV[10])
+local SPECS = 11
 local released = 0
-local reply = {0}
-local t = redis.call("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-for j = 1, #KEYS / 7 do
-  local b = 7 * j - 7
-  local h, m, r, wake = KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b + 4]
-  local p, v, msgs = KEYS[b + 5], KEYS[b + 6], KEYS[b + 7]
-  local ok = true
-  if only ~= "" then
-    local rec = redis.call("HGET", m, owner)
-    ok = false
-    if rec then
-      local info = cjson.decode(rec)
-      ok = (tostring(info["w"]) .. "\n" .. tostring(info["p"])) == only
+-- Fast path: the run's own end on a simple slot.
+if mode == "normal" and N == 1 then
+  local v = redis.pcall("GETDEL", key(1, H))
+  if v == token then
+    if ticket ~= "" then
+      redis.call("SET", memo_key(1), "done:" .. ticket, "PX", memo)
     end
+    return {1, {}}
   end
-  if only == "" then
-    -- a normal end: a woken run's claim is settled (a worker-lost release keeps it, so the
-    -- redelivered copy may go ahead)
-    redis.call("HDEL", msgs, "~" .. owner)
+  if type(v) == "string" then
+    -- not ours (our lease ran out and another run took it): put it back untouched
+    redis.call("SET", key(1, H), v, "PX", lease)
+    v = false
   end
-  local lease_end = ok and redis.call("ZSCORE", h, owner)
-  if lease_end then
-    redis.call("ZREM", h, owner)
-    redis.call("HDEL", m, owner)
-    if tonumber(lease_end) > now then
-      released = released + 1  -- a lease that had already run out was not held any more
+  if v == false then
+    if ticket ~= "" then
+      redis.call("SET", memo_key(1), "done:" .. ticket, "PX", memo)
     end
-    if redis.call("ZCARD", r) > 0 then
-      redis.call("LPUSH", wake, owner)
-      redis.call("LTRIM", wake, 0, 63)
-      redis.call("PEXPIRE", wake, 60000)
-    else
-      local head = redis.call("ZPOPMIN", p)
-      if #head > 0 then
-        redis.call("ZADD", v, now, head[1])
-        local msg = redis.call("HGET", msgs, head[1])
-        if msg then
-          reply[#reply + 1] = msg
-        end
-      end
-    end
+    return {0, {}}
   end
+  -- a WRONGTYPE error: the slot is full; go the long way
 end
 
-reply[1] = released
-return reply
+now_ms()
+resolve_all(N, SPECS, false)
+
+for j = 1, N do
+  load(j)
+  prune(j, window, idx)
+  local i = key(j, I)
+  local info = redis.call("HGET", i, who)
+  local lim = LIM[j] or false
+  if mode == "normal" then
+    if info == token then
+      released = released + 1
+      give_back(j, who, lim, window, idx)
+    end
+  elseif mode == "unclaim" then
+    unclaim(j, who, ticket, lim, window, idx)
+  elseif mode == "keep" then
+    if info == token then
+      redis.call("ZADD", key(j, H), NOW + lease, who)
+      redis.call("HSET", key(j, I), who, "@h" .. ticket)
+    end
+  elseif mode == "lost" then
+    if info and starts_with(info, token) then
+      released = released + 1
+      give_back(j, who, lim, window, idx)
+    end
+    local waiting = redis.call("HGET", key(j, V), who)
+    if waiting and starts_with(waiting, token) then
+      drop_wait(j, who)
+      refill(j, lim, window, idx)
+    end
+  else -- forfeit
+    if info and (starts_with(info, "@w") or starts_with(info, "@h")) then
+      redis.call("HDEL", key(j, M), who)
+      give_back(j, who, lim, window, idx)
+    end
+    if redis.call("ZREM", key(j, P), who) == 1 then
+      redis.call("HDEL", key(j, M), who)
+    end
+    redis.call("HDEL", key(j, F), who)
+  end
+  if ticket ~= "" and (mode == "normal" or mode == "forfeit") then
+    redis.call("SET", memo_key(j), "done:" .. ticket, "PX", memo)
+  end
+end
+settle_all(lease)
+return {released, OUT}

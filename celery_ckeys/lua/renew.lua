@@ -1,33 +1,45 @@
--- renew.lua: extend the lease of every slot one run still holds.
+-- renew.lua: extend the leases a live run still owns. docs/protocol.md section 6.5.
 --
--- KEYS, two per slot j = 1..n:
---   KEYS[2j-1]  holders  ZSET  owner -> lease expiry (ms)
---   KEYS[2j]    meta     HASH  owner -> holder JSON
--- ARGV[1]  owner: the run's task id
--- ARGV[2]  new lease, ms from now (server time)
---
--- Returns the number of slots renewed. A slot the owner no longer holds (its lease ran out
--- and someone else may have it) is never taken back: fewer than n means the lease was lost.
+-- KEYS  as acquire.lua (nine role keys per slot; the rest unused).
+-- ARGV  1 role: "hold" (a running run: its units, compared by hold token) or "wait" (a run
+--         in wait_for: its waiting entry and any unit reserved for its resume, compared by
+--         wait token)
+--       2 task id   3 token   4 lease ms   5 n
+-- Returns how many slots were renewed. A unit that is no longer ours (its lease ran out and
+-- someone else may have it) is never taken back: fewer than n means the lease was lost.
 
-local owner = ARGV[1]
-local lease = tonumber(ARGV[2])
-local t = redis.call("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local role, who, token, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+N = tonumber(ARGV[5])
 local renewed = 0
+now_ms()
 
-for j = 1, #KEYS / 2 do
-  local h, m = KEYS[2 * j - 1], KEYS[2 * j]
-  local score = redis.call("ZSCORE", h, owner)
-  if score and tonumber(score) > now then
-    redis.call("ZADD", h, "XX", now + lease, owner)
-    if redis.call("PTTL", h) < lease then
-      redis.call("PEXPIRE", h, lease)
+for j = 1, N do
+  local h = key(j, H)
+  if role == "hold" then
+    if redis.call("TYPE", h)["ok"] == "string" then
+      if redis.call("GET", h) == token then
+        redis.call("PEXPIRE", h, lease)
+        renewed = renewed + 1
+      end
+    elseif redis.call("HGET", key(j, I), who) == token
+        and tonumber(redis.call("ZSCORE", h, who) or "0") > NOW then
+      redis.call("ZADD", h, "XX", NOW + lease, who)
+      extend(h, lease)
+      extend(key(j, I), lease)
+      renewed = renewed + 1
     end
-    if redis.call("PTTL", m) < lease then
-      redis.call("PEXPIRE", m, lease)
+  elseif redis.call("HGET", key(j, V), who) == token then
+    redis.call("ZADD", key(j, W), "XX", NOW + lease, who)
+    extend(key(j, W), lease)
+    extend(key(j, V), lease)
+    if redis.call("PTTL", h) >= 0 then -- its marker keeps the slot; unless kept for a line
+      extend(h, lease)
+      extend(key(j, I), lease)
+    end
+    if redis.call("HGET", key(j, I), who) == "@r" .. token then
+      redis.call("ZADD", h, "XX", NOW + lease, who)
     end
     renewed = renewed + 1
   end
 end
-
 return renewed

@@ -1,52 +1,51 @@
--- wait.lua: a run steps out of its slots to wait for a child, and back in line to resume.
+-- wait.lua: a run steps out of its units to wait for a child, and is told when to resume.
+-- docs/protocol.md section 6.3.
 --
--- KEYS, four per slot j = 1..n (b = 4j - 4):
---   KEYS[b+1]  holders   ZSET  owner -> lease expiry (ms)
---   KEYS[b+2]  waiting   ZSET  owner -> lease expiry of a run blocked in wait_for
---   KEYS[b+3]  resuming  ZSET  owner -> when it became ready to resume (ms); these go first
---   KEYS[b+4]  meta      HASH  owner -> holder JSON
--- ARGV[1]  "enter"     the owner is listed as waiting on these slots; wait_for sends this in
---                      the same pipeline as release.lua, which gives the slots back (and
---                      wakes a parked run for each), so other runs, its child among them, can
---                      start while it waits
---          "ready"     the child finished: a waiting owner moves to the resuming set, so
---                      that from now on it goes ahead of runs that have not started
---          "leave"     the owner stops waiting and resuming altogether
--- ARGV[2]  owner: the waiting run's task id
--- ARGV[3]  lease, ms (how long a waiting entry lives unless renewed)
---
--- Returns {changed}: the number of slots whose state changed.
+-- KEYS  as acquire.lua (nine role keys per slot, n memo keys, conf keys, sweep index).
+-- ARGV  1 "enter": the run gives back every unit it holds with hold token ARGV[3] and is
+--         listed as waiting with wait token ARGV[4] (one call: nothing can reorder the two)
+--         "ready": its child reached a final state; a run still waiting with wait token
+--         ARGV[4] joins the resume order, and gets a reserved unit at once where there
+--         is room and nobody resumes before it
+--       2 task id   3 hold token (enter)   4 wait token
+--       5 lease ms   6 claim window ms   7..8 unused   9 index key position
+--       10 n   11.. one limit spec per slot
+-- Returns {changed, wakes}: the slots whose state changed, then the wakes to publish.
 
-local op, owner, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local t = redis.call("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op, who, token, wait_token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local lease, window = tonumber(ARGV[5]), tonumber(ARGV[6])
+local idx = ARGV[9] ~= "0" and KEYS[tonumber(ARGV[9])] or ""
+N = tonumber(ARGV[10])
+local SPECS = 11
 local changed = 0
 
-for j = 1, #KEYS / 4 do
-  local b = 4 * j - 4
-  local h, w, r, m = KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b + 4]
+now_ms()
+resolve_all(N, SPECS, false)
+
+for j = 1, N do
+  load(j)
+  prune(j, window, idx)
+  local lim = LIM[j] or false
   if op == "enter" then
-    if redis.call("ZSCORE", h, owner) then
-      redis.call("ZADD", w, now + lease, owner)
-      if redis.call("PTTL", w) < lease then
-        redis.call("PEXPIRE", w, lease)
-      end
+    if redis.call("HGET", key(j, I), who) == token then
+      give_back(j, who, lim, window, idx)
+      redis.call("ZADD", key(j, H), -1, WAITER .. who)
+      redis.call("ZADD", key(j, W), NOW + lease, who)
+      redis.call("HSET", key(j, V), who, wait_token)
+      extend(key(j, W), lease)
+      extend(key(j, V), lease)
       changed = changed + 1
     end
-  elseif op == "ready" then
-    if redis.call("ZREM", w, owner) == 1 then
-      redis.call("ZADD", r, "NX", now, owner)
-      if redis.call("PTTL", r) < lease then
-        redis.call("PEXPIRE", r, lease)
-      end
-      changed = changed + 1
+  elseif redis.call("HGET", key(j, V), who) == wait_token
+      and redis.call("HEXISTS", key(j, I), who) == 0 then
+    local r = key(j, R)
+    if redis.call("EXISTS", r) == 0 and (not lim or units(j) < lim) then
+      reserve_resume(j, who)
+    else
+      redis.call("ZADD", r, "NX", NOW, who)
     end
-  elseif op == "leave" then
-    changed = changed + redis.call("ZREM", w, owner) + redis.call("ZREM", r, owner)
-    if redis.call("ZSCORE", h, owner) == false then
-      redis.call("HDEL", m, owner)
-    end
+    changed = changed + 1
   end
 end
-
-return {changed}
+settle_all(lease)
+return {changed, OUT}

@@ -1,0 +1,189 @@
+"""Redis Cluster: the protocol of docs/protocol.md, one hash tag per script call.
+
+A run's slots (its partition, its queue's conf, the environment) live on different hash
+tags, and a Lua script may only touch keys of one. :class:`ClusterStore` keeps every
+per-slot rule of :class:`~celery_ckeys.store.Store` and changes only the steps
+(protocol.md section 9):
+
+* queue limits are read (and trigger-time limits recorded) on each queue's conf tag first,
+  then every step gets the limit as a fixed value;
+* admission takes the slots one call each, most specific first; when one blocks, the run
+  parks there or records its deferral, and the units taken so far are released;
+* a resuming run first makes sure a unit of every slot is reserved for it ("reserve"), and
+  only then claims them, so a slot that is not ready never costs it a place it had;
+* the sweep index lives on its own tag: a slot is noted in it before a run may park
+  there, and the sweeper removes an entry only if it still has the score it read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Optional, Sequence
+
+from .naming import CONF, Names
+from .slots import LimitSpec, Slot
+from .store import AcquireResult, Store
+
+
+class ClusterStore(Store):
+    inline_index = False
+
+    # -- limits, resolved on each queue's own tag --------------------------------------
+    def _recorded(self, slot: Slot, *, record: bool) -> Optional[int]:
+        spec = slot.limit
+        if spec.queue is None or slot.conf_tag is None:
+            return None
+        conf = Names.redis_key(slot.conf_tag, CONF)
+        if spec.trigger is not None:
+            if record:
+                self.guarded(lambda c: c.hset(conf, "limit", spec.trigger))
+            return spec.trigger
+        value = self.guarded(lambda c: c.hget(conf, "limit"))
+        return int(value) if value is not None else None
+
+    def _localized(self, slot: Slot, *, record: bool) -> Slot:
+        """The slot with its queue's recorded limit folded in, so it needs no conf key."""
+        spec = slot.limit
+        if spec.fixed is not None:
+            return slot
+        local = LimitSpec(trigger=self._recorded(slot, record=record), declared=spec.declared,
+                          cap=spec.cap, unlimited_as=spec.unlimited_as, remembered=spec.remembered)
+        return replace(slot, limit=local, conf_tag=None)
+
+    def _steps(self, slots: Sequence[Slot], *, record: bool) -> list[tuple[Slot, Slot]]:
+        """``(fixed-limit slot, the plan's slot)`` for every slot the run needs, in order."""
+        resolved: list[tuple[Optional[int], bool]] = []
+        for slot in slots:
+            if slot.home_only:
+                resolved.append((None, False))
+            elif slot.when_unlimited is not None:
+                resolved.append((1, False))
+            else:
+                resolved.append(slot.limit.resolve(self._recorded(slot, record=record)))
+        steps = []
+        for slot, (limit, _) in zip(slots, resolved):
+            needed = limit is not None
+            if slot.when_unlimited is not None:
+                needed = resolved[slot.when_unlimited - 1][1]
+            if needed:
+                assert limit is not None
+                fixed = replace(slot, limit=LimitSpec(fixed=limit), conf_tag=None,
+                                when_unlimited=None)
+                steps.append((fixed, slot))
+        return steps
+
+    def resolve_limits(self, slots: Sequence[Slot], *, record: bool = False) -> list[Optional[int]]:
+        needed = {original.tag: fixed.limit.fixed for fixed, original in self._steps(slots, record=record)}
+        return [needed.get(slot.tag) for slot in slots]
+
+    # -- admission, one slot per call ----------------------------------------------------
+    def acquire(self, slots: Sequence[Slot], who: str, token: str, *, mode: str = "run",
+                ticket: str = "", new_ticket: str = "", message: str = "", order_ms: int = 0,
+                primary: int = 1, home: Optional[str] = None) -> AcquireResult:
+        result = self._admit(slots, who, token, mode=mode, ticket=ticket, new_ticket=new_ticket,
+                             message=message, order_ms=order_ms, home=home)
+        # the unit woken for this copy on a line its plan does not need (any more) goes back,
+        # as in acquire.lua (unless the copy stood aside: the run is in line elsewhere)
+        if home and ticket and result.status != "needs_message" and result.why != "parked":
+            needed = {original.tag for _, original in self._steps(slots, record=False)}
+            outside = [s for s in slots if s.tag == home and s.tag not in needed]
+            if outside:
+                Store._release(self, "unclaim", [replace(outside[0], home_only=True)], who, "",
+                               ticket)
+        return result
+
+    def _admit(self, slots: Sequence[Slot], who: str, token: str, *, mode: str, ticket: str,
+               new_ticket: str, message: str, order_ms: int, home: Optional[str]) -> AcquireResult:
+        steps = self._steps(slots, record=mode == "run")
+        if mode != "resume":
+            return self._steps_in_order(steps, who, token, mode=mode, ticket=ticket,
+                                        new_ticket=new_ticket, message=message,
+                                        order_ms=order_ms, home=home)
+        # first make sure every slot has a unit reserved for the run; claim only then
+        for fixed, original in steps:
+            reserved = Store.acquire(self, [fixed], who, token, mode="reserve", ticket=ticket)
+            if reserved.status != "reserved":
+                return replace(reserved, blocked=original)
+        result = self._steps_in_order(steps, who, token, mode=mode, ticket=ticket,
+                                      new_ticket="", message="", order_ms=0, home=None)
+        if result.ok:
+            # a slot it waited on that it no longer needs (a limit came meanwhile): its wait
+            # there ends, as in acquire.lua (its wait token is the prefix of what to free)
+            needed = {original.tag for _, original in steps}
+            for slot in slots:
+                if slot.tag not in needed:
+                    Store._release(self, "lost", [replace(slot, home_only=True)], who, ticket, "")
+        return result
+
+    def _steps_in_order(self, steps: list[tuple[Slot, Slot]], who: str, token: str, *, mode: str,
+                        ticket: str, new_ticket: str, message: str, order_ms: int,
+                        home: Optional[str]) -> AcquireResult:
+        # A woken copy visits its home line first (where its reservation is), then the rest in
+        # plan order; blocked later in the plan it keeps its home unit and waits with priority,
+        # blocked earlier it gives it back: the ordering rule of acquire.lua, step by step.
+        order = list(range(len(steps)))
+        at_home = next((i for i, (_, s) in enumerate(steps) if s.tag == home), None)
+        if at_home is not None:
+            order.remove(at_home)
+            order.insert(0, at_home)
+        taken: list[tuple[int, Slot]] = []
+        claimed_home = False
+        for i in order:
+            fixed, original = steps[i]
+            if message not in ("", "?"):
+                self.note_line(original.tag)
+            priority = claimed_home and at_home is not None and i > at_home
+            step_mode = "claimed" if mode == "run" and claimed_home else mode
+            result = Store.acquire(self, [fixed], who, token, mode=step_mode, ticket=ticket,
+                                   new_ticket=new_ticket, message=message,
+                                   order_ms=(order_ms or self.now_ms()) - int(1e13) if priority
+                                   else order_ms, primary=1)
+            if not result.ok:
+                keep = priority and result.parked
+                for j, slot in taken:
+                    if keep and j == at_home:
+                        Store._release(self, "keep", [self._localized(slot, record=False)], who,
+                                       token, ticket)
+                    else:
+                        self.release([slot], who, token)
+                return replace(result, blocked=original if result.blocked else None)
+            claimed_home = claimed_home or (i == at_home and result.claimed)
+            taken.append((i, original))
+        return AcquireResult("admitted", taken=tuple(s for _, s in sorted(taken)),
+                             claimed=claimed_home)
+
+    def _acquired(self, reply: Any, slots: Sequence[Slot]) -> AcquireResult:
+        if int(reply[0]) == 4:
+            self._wakes(reply[-1], slots)
+            return AcquireResult("reserved")
+        return super()._acquired(reply, slots)
+
+    # -- everything else: one call per slot ------------------------------------------------
+    def _release(self, mode: str, slots: Sequence[Slot], who: str, token: str, ticket: str) -> int:
+        return sum(Store._release(self, mode, [self._localized(slot, record=False)], who, token,
+                                  ticket) for slot in slots)
+
+    def release_many(self, runs: Sequence[tuple[Sequence[Slot], str, str, str]]) -> None:
+        for slots, who, token, ticket in runs:
+            self.release(slots, who, token, ticket)
+
+    def _wait(self, op: str, slots: Sequence[Slot], who: str, token: str, wait_token: str) -> int:
+        return sum(Store._wait(self, op, [self._localized(slot, record=False)], who, token,
+                               wait_token) for slot in slots)
+
+    def renew_many(self, runs: Sequence[tuple[Sequence[Slot], str, str, str]]) -> list[int]:
+        counts = []
+        for slots, who, token, role in runs:
+            calls = [self._renew_call([slot], who, token, role) for slot in slots]
+            counts.append(sum(int(self.call(*call)) for call in calls))
+        return counts
+
+    # -- the sweep index, on its own tag ------------------------------------------------------
+    def note_line(self, tag: str) -> None:
+        self.call("index", [self.names.index_key()],
+                  ["note", tag, int(self.config.retry_countdown * 1000)])
+
+    def sweep(self, slot: Slot, seen_due: float = 0.0) -> int:
+        due = super().sweep(self._localized(slot, record=False), seen_due)
+        self.call("index", [self.names.index_key()], ["settle", slot.tag, due, repr(seen_due)])
+        return due

@@ -1,0 +1,392 @@
+-- lib.lua: the named key roles and helpers every script shares. store.py prepends this
+-- file to each script when it loads them; docs/protocol.md is the contract they follow.
+--
+-- Key roles: every slot j of a script passes nine keys, in this order (KEYS[9j-8..9j]):
+--   H  units     STRING (simple: one hold, value = its token, PX lease) or
+--                ZSET (full: task id -> expiry ms of its hold or reservation; and, score -1,
+--                a marker "\1"..task id for each run waiting in wait_for: not a unit, it only
+--                keeps the slot from looking idle to the fast path while that run lives)
+--   I  info      HASH task id -> hold token, "@w"..ticket (woken), "@h"..ticket (kept: a
+--                woken run that waits on a later slot of its plan keeps this unit) or
+--                "@r"..wait token (resuming); "#f" last fence; "#l" limit last resolved here
+--   P  line      ZSET task id -> order (first deferral, ms)
+--   M  messages  HASH task id -> ticket.."\n"..message of a parked or woken run
+--   R  resume    ZSET task id -> when its child finished (resume order)
+--   W  waiting   ZSET task id -> lease expiry of a run blocked in wait_for
+--   V  waits     HASH task id -> wait token
+--   F  deferred  HASH task id -> countdown deferral record (JSON, for status)
+--   Q  wake      LIST pushed to when a unit is reserved for a resuming run
+-- plus, per slot, a memo STRING (KEYS[9n + j]): "done:"..ticket once a ticketed run ended.
+-- Tokens: a hold token is JSON [task id, host, pid, nonce, ticket, task, started, tags];
+-- a wait token is JSON [task id, host, pid, nonce, ticket]. Both carry the ticket 5th.
+
+local H, I, P, M, R, W, V, F, Q = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local ROLES = 9
+local NOW = 0 -- ms, server time; set by now_ms()
+local N = 0 -- slots in this call; the script sets it
+local OUT = {} -- {slot index, "ticket\nmessage"} of each run woken: the caller publishes them
+local TOUCHED = {} -- full slots this call changed; settle_all() gives each its TTL policy
+
+local function key(j, role)
+  return KEYS[(j - 1) * ROLES + role]
+end
+
+local function now_ms()
+  local t = redis.call("TIME")
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return NOW
+end
+
+local function now_us()
+  local t = redis.call("TIME")
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- The slot's tag, for the sweep index (every key of slot j is "ckeys:{tag}:role").
+local function tag_of(j)
+  return string.match(key(j, H), "^ckeys:{(.*)}:[^:]*$")
+end
+
+-- The memo key of slot j: after the N*9 slot keys come the N memo keys.
+local function memo_key(j)
+  return KEYS[N * ROLES + j]
+end
+
+-- Make sure key k lives at least ms more (never shortens it). Only for keys that always
+-- expire; the units and the line get their TTL policy from settle().
+local function extend(k, ms)
+  if redis.call("PTTL", k) < ms then
+    redis.call("PEXPIRE", k, ms)
+  end
+end
+
+local WAITER = "\1" -- prefix of a waiting run's marker in H
+
+-- Live units (holds and reservations) of a full slot; markers (score -1) are not units.
+local function units(j)
+  return redis.call("ZCOUNT", key(j, H), 0, "+inf")
+end
+
+-- One run holding a unit of slot j, for messages ("" when none).
+local function some_holder(j)
+  return redis.call("ZRANGEBYSCORE", key(j, H), 0, "+inf", "LIMIT", 0, 1)[1] or ""
+end
+
+local function ticket_of(token)
+  local ok, parts = pcall(cjson.decode, token)
+  if ok and type(parts) == "table" and type(parts[5]) == "string" then
+    return parts[5]
+  end
+  return ""
+end
+
+local function starts_with(s, prefix)
+  return string.sub(s, 1, #prefix) == prefix
+end
+
+-- The queue-limit rule (docs/protocol.md section 1; LimitSpec.resolve in limits.py is the
+-- same rule and a property test keeps them equal). A spec is
+--   "=N"                 a fixed limit N (a key mutex, the environment)
+--   "q|c|s|d|x|u"        a queue's limit: s (a trigger-time limit, recorded in conf
+--                        KEYS[c], c > 0, when write is true), else the recorded one, else d
+--                        (declared in code; "#" = the limit last resolved on slot j), capped
+--                        by x (the environment's base limit, also the default); when all
+--                        are empty the queue is unlimited, or limited to u when u is set
+--   "?k"                 needed (limit 1) only when slot k fell back to u
+--   "~"                  not needed: the line a woken copy comes from, which its plan no
+--                        longer names (the limit last resolved there, for refills)
+-- Returns the limit (nil: unlimited) and whether the fallback u applied.
+local function resolve_limit(spec, j, write)
+  local fixed = string.match(spec, "^=(%d+)$")
+  if fixed then
+    return tonumber(fixed), false
+  end
+  local c, s, d, x, u = string.match(spec, "^q|(%d+)|(%d*)|([%d#]*)|(%d*)|(%d*)$")
+  if c == nil then
+    error("bad limit spec " .. spec)
+  end
+  local conf = c ~= "0" and KEYS[tonumber(c)] or nil
+  local lim = tonumber(s)
+  if lim ~= nil then
+    if write and conf then
+      redis.call("HSET", conf, "limit", lim)
+    end
+  else
+    lim = conf and tonumber(redis.call("HGET", conf, "limit") or "") or nil
+    if lim == nil then
+      if d == "#" then
+        lim = tonumber(redis.call("HGET", key(j, I), "#l") or "")
+      else
+        lim = tonumber(d)
+      end
+    end
+  end
+  local cap = tonumber(x)
+  if lim == nil or (cap ~= nil and cap < lim) then
+    lim = cap
+  end
+  if lim == nil and u ~= "" then
+    return tonumber(u), true
+  end
+  return lim, false
+end
+
+-- Resolve every slot's spec; LIM[j] is the limit (false: unlimited), USED[j] whether the
+-- run needs slot j at all (a conditional key mutex is needed only after a fallback).
+local LIM, USED = {}, {}
+local function resolve_all(n, first_spec, write)
+  local fell = {}
+  for j = 1, n do
+    local spec = ARGV[first_spec + j - 1]
+    local k = string.match(spec, "^%?(%d+)$")
+    if spec == "~" then
+      LIM[j] = tonumber(redis.call("HGET", key(j, I), "#l") or "1")
+      USED[j] = false
+    elseif k then
+      LIM[j] = 1
+      USED[j] = "?" .. k
+    else
+      local lim, fallback = resolve_limit(spec, j, write)
+      LIM[j] = lim or false
+      USED[j] = lim ~= nil
+      fell[j] = fallback
+    end
+  end
+  for j = 1, n do
+    if type(USED[j]) == "string" then
+      USED[j] = fell[tonumber(string.sub(USED[j], 2))] == true
+    end
+  end
+end
+
+-- A slot that is still simple (one hold in a STRING) becomes full (a ZSET), keeping that
+-- hold and its remaining lease. Every path but the fast one works on full slots.
+local function load(j)
+  TOUCHED[j] = true
+  local h = key(j, H)
+  if redis.call("TYPE", h)["ok"] ~= "string" then
+    return
+  end
+  local token = redis.call("GET", h)
+  local ttl = redis.call("PTTL", h)
+  redis.call("DEL", h)
+  if ttl <= 0 then
+    return
+  end
+  local owner = cjson.decode(token)[1]
+  redis.call("ZADD", h, NOW + ttl, owner)
+  redis.call("HSET", key(j, I), owner, token)
+  TOUCHED[j] = true
+end
+
+-- Units and the line keep their keys without a TTL while anybody waits on the slot
+-- (invariant I1: a slot with a line, resuming runs or woken messages is never idle);
+-- otherwise they expire with the longest lease they could hold.
+local function settle(j, lease)
+  TOUCHED[j] = nil
+  local h, i = key(j, H), key(j, I)
+  if redis.call("EXISTS", key(j, P), key(j, R), key(j, M)) > 0 then
+    redis.call("PERSIST", h)
+    redis.call("PERSIST", i)
+  elseif redis.call("EXISTS", h) == 1 then
+    redis.call("PEXPIRE", h, lease)
+    redis.call("PEXPIRE", i, lease)
+  else
+    redis.call("DEL", i)
+  end
+end
+
+-- The sweep index (single Redis only: under Cluster it lives on another hash tag and
+-- ClusterStore keeps it). idx is its key, or "" for none.
+local function index(idx, j, due)
+  if idx ~= "" then
+    redis.call("ZADD", idx, "LT", due, tag_of(j))
+  end
+end
+
+-- A unit of slot j goes to the run first in its line: reserved ("@w" ticket) for the claim
+-- window while its message is published again.
+local function wake(j, who, window, idx)
+  local msg = redis.call("HGET", key(j, M), who)
+  if not msg then
+    return false
+  end
+  if redis.call("HEXISTS", key(j, I), who) == 1 then
+    return "busy" -- this run holds or has a unit reserved here already (another copy runs)
+  end
+  local ticket = string.match(msg, "^([^\n]*)\n")
+  redis.call("ZADD", key(j, H), NOW + window, who)
+  redis.call("HSET", key(j, I), who, "@w" .. ticket)
+  OUT[#OUT + 1] = j
+  OUT[#OUT + 1] = msg
+  index(idx, j, NOW + window)
+  return true
+end
+
+-- A unit of slot j goes to a run resuming from wait_for: reserved ("@r" wait token) for as
+-- long as its wait lease lives, and the run is told through the wake list.
+local function reserve_resume(j, who)
+  local token = redis.call("HGET", key(j, V), who)
+  local until_ = tonumber(redis.call("ZSCORE", key(j, W), who) or "0")
+  if not token or until_ <= NOW or redis.call("HEXISTS", key(j, I), who) == 1 then
+    return false
+  end
+  redis.call("ZADD", key(j, H), until_, who)
+  redis.call("HSET", key(j, I), who, "@r" .. token)
+  local q = key(j, Q)
+  redis.call("LPUSH", q, who)
+  redis.call("LTRIM", q, 0, 63)
+  redis.call("PEXPIRE", q, 60000)
+  return true
+end
+
+-- Hand free units of slot j (limit lim, false: unlimited) to resuming runs first, then to
+-- the line, one unit each, never past the limit resolved now (invariant S1).
+local function refill(j, lim, window, idx)
+  if redis.call("EXISTS", key(j, R), key(j, P)) == 0 then
+    return
+  end
+  local room = lim and (lim - units(j)) or 1000000
+  while room > 0 do
+    local first = redis.call("ZRANGE", key(j, R), 0, 0)[1]
+    local given = false
+    if first then
+      redis.call("ZREM", key(j, R), first)
+      given = reserve_resume(j, first)
+    else
+      local head = redis.call("ZPOPMIN", key(j, P))
+      if #head == 0 then
+        break
+      end
+      given = wake(j, head[1], window, idx)
+      if given == "busy" then
+        -- it keeps its place; the unit it will give back refills the line then
+        redis.call("ZADD", key(j, P), head[2], head[1])
+        break
+      end
+    end
+    if given then
+      room = room - 1
+    end
+  end
+end
+
+-- A resuming run that needs slot j but did not wait on it (its plan grew: a limit came or
+-- went meanwhile) is listed there as waiting too, so that units can be reserved for it.
+local function join_wait(j, who, wait_token, lease)
+  if redis.call("HEXISTS", key(j, V), who) == 0 then
+    redis.call("HSET", key(j, V), who, wait_token)
+    redis.call("ZADD", key(j, W), NOW + lease, who)
+    redis.call("ZADD", key(j, H), -1, WAITER .. who)
+    extend(key(j, V), lease)
+    extend(key(j, W), lease)
+  end
+end
+
+-- A run stops waiting on slot j (its wait lease ran out, or its process is gone).
+local function drop_wait(j, who)
+  redis.call("ZREM", key(j, W), who)
+  redis.call("HDEL", key(j, V), who)
+  redis.call("ZREM", key(j, R), who)
+  redis.call("ZREM", key(j, H), WAITER .. who)
+  local info = redis.call("HGET", key(j, I), who)
+  if info and starts_with(info, "@r") then
+    redis.call("ZREM", key(j, H), who)
+    redis.call("HDEL", key(j, I), who)
+  end
+end
+
+-- Expired units go, except a woken reservation that was not claimed in time: it is woken
+-- again (same ticket, a new claim window), so a lost publish never strands its run.
+-- Expired waits go too. Called on full slots only.
+local function prune(j, window, idx)
+  local h, i = key(j, H), key(j, I)
+  local gone = redis.call("ZRANGEBYSCORE", h, 0, NOW)
+  for _, who in ipairs(gone) do
+    local info = redis.call("HGET", i, who)
+    if info and starts_with(info, "@w") then
+      redis.call("ZREM", h, who)
+      redis.call("HDEL", i, who)
+      if wake(j, who, window, idx) ~= true then
+        redis.call("HDEL", key(j, M), who)
+      end
+    elseif info and starts_with(info, "@h") then
+      -- a kept unit whose run waited too long on its later slot: it goes (the caller
+      -- refills the slot)
+      redis.call("ZREM", h, who)
+      redis.call("HDEL", i, who)
+    else
+      redis.call("ZREM", h, who)
+      if info then
+        redis.call("HDEL", i, who)
+      end
+    end
+  end
+  local w = key(j, W)
+  if redis.call("EXISTS", w) == 1 then
+    for _, who in ipairs(redis.call("ZRANGEBYSCORE", w, "-inf", NOW)) do
+      drop_wait(j, who)
+    end
+  end
+end
+
+-- Give back a unit of slot j held or reserved by `who` (if info matches), then refill.
+local function give_back(j, who, lim, window, idx)
+  redis.call("ZREM", key(j, H), who)
+  redis.call("HDEL", key(j, I), who)
+  refill(j, lim, window, idx)
+end
+
+-- A copy gives back a unit woken or kept for its own ticket on slot j: it does not need the
+-- slot any more (its plan changed), or its stay in line already ran (a duplicate).
+local function unclaim(j, who, ticket, lim, window, idx)
+  if ticket == "" then
+    return
+  end
+  local info = redis.call("HGET", key(j, I), who)
+  if info == "@w" .. ticket or info == "@h" .. ticket then
+    redis.call("HDEL", key(j, M), who)
+    give_back(j, who, lim, window, idx)
+  end
+end
+
+-- What a copy of `who`, carrying `ticket` ("" for none), finds on slot j
+-- (docs/protocol.md section 5): "dup", "busy", "claim", "parked" or "fresh".
+local function classify(j, who, ticket)
+  local info = redis.call("HGET", key(j, I), who)
+  if info and not starts_with(info, "@") then
+    if ticket ~= "" and ticket_of(info) == ticket then
+      return "dup"
+    end
+    return "busy"
+  end
+  local waiting = redis.call("HGET", key(j, V), who)
+  if waiting then
+    if ticket ~= "" and ticket_of(waiting) == ticket then
+      return "dup"
+    end
+    return "busy"
+  end
+  if ticket ~= "" and redis.call("GET", memo_key(j)) == "done:" .. ticket then
+    return "dup"
+  end
+  if info and (starts_with(info, "@w") or starts_with(info, "@h")) then
+    -- only the woken message (it carries the reservation's ticket) claims; another copy
+    -- of the run stands aside, since that message is safe (here, or in a later line)
+    if string.sub(info, 3) == ticket then
+      return "claim"
+    end
+    return "parked"
+  end
+  if redis.call("ZSCORE", key(j, P), who) then
+    return "parked"
+  end
+  return "fresh"
+end
+
+
+local function settle_all(lease)
+  for j, _ in pairs(TOUCHED) do
+    settle(j, lease)
+  end
+end

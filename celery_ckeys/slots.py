@@ -1,0 +1,116 @@
+"""What a run must hold, as plain values: a :class:`Slot` and its :class:`LimitSpec`.
+
+The queue-limit rule lives here once (:meth:`LimitSpec.resolve`) and once in Lua
+(``resolve_limit`` in ``lua/lib.lua``, which admission uses atomically); a property test
+keeps the two equal. Nothing here talks to Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .naming import Names
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    """How a slot's limit is found.
+
+    ``fixed``: a limit that never changes (a key mutex: 1; the environment: ``floor(L x B)``).
+    Otherwise the slot is a queue's (or a partition of it), and its limit is, in order:
+    ``trigger`` (a limit given when the run was triggered; recorded for the queue from then
+    on), the recorded limit, ``declared`` (in code), else ``cap``; never more than ``cap``
+    (the environment's base limit). With none of them the queue is unlimited, unless
+    ``unlimited_as`` is set (a partition: one run per key, see docs/protocol.md 6.4).
+    ``remembered`` stands in for ``declared`` where the declaring code is not at hand (the
+    sweeper): the limit last resolved on the slot.
+    """
+
+    fixed: Optional[int] = None
+    queue: Optional[str] = None
+    trigger: Optional[int] = None
+    declared: Optional[int] = None
+    cap: Optional[int] = None
+    unlimited_as: Optional[int] = None
+    remembered: bool = False
+
+    def resolve(self, recorded: Optional[int],
+                remembered: Optional[int] = None) -> tuple[Optional[int], bool]:
+        """``(limit, fell_back)``: the limit (``None``: unlimited), and whether ``unlimited_as``
+        applied. ``recorded`` is the queue's recorded limit (ignored when ``trigger`` is set)."""
+        if self.fixed is not None:
+            return self.fixed, False
+        limit = self.trigger if self.trigger is not None else recorded
+        if limit is None:
+            limit = remembered if self.remembered else self.declared
+        if limit is None or (self.cap is not None and self.cap < limit):
+            limit = self.cap
+        if limit is None and self.unlimited_as is not None:
+            return self.unlimited_as, True
+        return limit, False
+
+    def lua(self, conf_position: int) -> str:
+        """The spec as ``resolve_limit`` in lib.lua reads it (conf at ``KEYS[conf_position]``;
+        0 for a slot with no queue conf)."""
+        if self.fixed is not None:
+            return f"={self.fixed}"
+        declared = "#" if self.remembered else _opt(self.declared)
+        return (f"q|{conf_position}|{_opt(self.trigger)}|{declared}|{_opt(self.cap)}"
+                f"|{_opt(self.unlimited_as)}")
+
+    def as_header(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v not in (None, False)}
+
+    @classmethod
+    def from_header(cls, data: dict[str, Any]) -> LimitSpec:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _opt(value: Optional[int]) -> str:
+    return "" if value is None else str(int(value))
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One thing a run holds a unit of: the environment, a key, a queue or a partition.
+
+    ``when_unlimited`` makes the slot conditional: it is needed (limit 1) only when slot
+    number ``when_unlimited`` (1-based, in the same plan) resolves to no limit of its own.
+    """
+
+    tag: str
+    kind: str  # "env" | "key" | "queue" | "partition"
+    label: str
+    limit: LimitSpec
+    #: the tag of the queue whose conf HASH records its limit (queue and partition slots)
+    conf_tag: Optional[str] = None
+    when_unlimited: Optional[int] = None
+    #: not needed: the line a woken copy comes from, which its plan no longer names; only
+    #: the unit woken for it there is looked at (and given back)
+    home_only: bool = False
+
+    def key(self, role: str) -> str:
+        return Names.redis_key(self.tag, role)
+
+    def lua_spec(self, conf_position: int) -> str:
+        if self.home_only:
+            return "~"
+        if self.when_unlimited is not None:
+            return f"?{self.when_unlimited}"
+        return self.limit.lua(conf_position)
+
+    def as_header(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"tag": self.tag, "kind": self.kind, "label": self.label,
+                                "limit": self.limit.as_header()}
+        if self.conf_tag is not None:
+            data["conf_tag"] = self.conf_tag
+        if self.when_unlimited is not None:
+            data["when_unlimited"] = self.when_unlimited
+        return data
+
+    @classmethod
+    def from_header(cls, data: dict[str, Any]) -> Slot:
+        return cls(tag=str(data["tag"]), kind=str(data["kind"]), label=str(data["label"]),
+                   limit=LimitSpec.from_header(dict(data.get("limit") or {})),
+                   conf_tag=data.get("conf_tag"), when_unlimited=data.get("when_unlimited"))

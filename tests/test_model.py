@@ -1,0 +1,554 @@
+"""The protocol of docs/protocol.md against a model, on the real scripts and a real Redis.
+
+A hypothesis state machine plays workers, the broker and Celery's lifecycle events
+against :class:`~celery_ckeys.store.Store` (one redis-server) and
+:class:`~celery_ckeys.cluster.ClusterStore` (a 3-master cluster): runs arrive, are
+duplicated (redelivery), park, get woken, start, renew, finish, retry, wait on children and
+resume, lose their process, lose their lease, get revoked, see limits change under them,
+meet countdown and handoff workers side by side, and live through Redis forgetting its
+scripts. After every step it checks safety (section 8 of the protocol: S1 capacity,
+S2 exclusion, S3 one copy, S4 ownership); at the end of every example it stops the events,
+drains the system, and checks liveness (L2: every run that was not revoked executed, none
+twice without a fault in between) and bounds (B1: nothing is left in Redis but expiring
+memos and deferral records, and the recorded limits).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Optional
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from servers import Cluster
+
+from celery_ckeys.admission import Plan, RunSpec, plan_for, slot_for_tag
+from celery_ckeys.cluster import ClusterStore
+from celery_ckeys.config import from_conf
+from celery_ckeys.embedded import RedisServer
+from celery_ckeys.naming import UNITS, Names, parse_tag
+from celery_ckeys.queues import ConcurrencyQueue
+from celery_ckeys.slots import Slot
+from celery_ckeys.store import Store, Wake, token_prefix
+
+EXAMPLES = int(os.environ.get("CKT_MODEL_EXAMPLES", "60"))
+_ns = itertools.count()
+
+# The runs' shapes: a key mutex, a partition of queue "q" (limit changes live), a keyless
+# run of "q", and a key that a partition run uses too.
+KINDS = ("key", "part", "queue")
+KEYS = ("a", "b")
+
+
+@dataclass
+class Msg:
+    """A copy of a run in the broker."""
+
+    run: str
+    ticket: str = ""
+    home: Optional[str] = None
+    first_ms: int = 0
+
+
+@dataclass
+class Execution:
+    slots: tuple[Slot, ...]
+    token: str
+    ticket: str
+    host: str
+    stale: bool = False  # its lease was lost (a fault); it may still finish, and free nothing
+
+
+@dataclass
+class Run:
+    id: str
+    kind: str
+    key: str
+    executions: int = 0
+    faults: int = 0
+    done: bool = False
+    revoked: bool = False
+    running: Optional[Execution] = None
+    # wait_for
+    waiting: Optional[Execution] = None  # the units it stepped out of, and its wait token
+    wait_token: str = ""
+    child: Optional[str] = None
+    parent: Optional[str] = None
+    finished_tickets: set[str] = field(default_factory=set)
+    uncoordinated: bool = False
+    retries: int = 0
+
+
+class Protocol(RuleBasedStateMachine):
+    """One example: a fresh namespace on the shared server (or cluster)."""
+
+    url: str = ""
+    cluster: bool = False
+
+    @initialize(env_limit=st.sampled_from([None, 2]), limit=st.sampled_from([None, 1, 2]))
+    def setup(self, env_limit: Optional[int], limit: Optional[int]) -> None:
+        conf = {"ckeys_redis_url": self.url, "ckeys_lock_ttl": 60, "ckeys_retry_countdown": 1,
+                "ckeys_handoff_claim_timeout": 5, "ckeys_environment_limit": env_limit,
+                "ckeys_burst_factor": 1.0, "ckeys_redis_cluster": self.cluster}
+        self.config = from_conf(conf, default_namespace=f"model-{next(_ns)}")
+        self.store: Store = (ClusterStore if self.cluster else Store)(self.config)
+        self.store.client.flushall()  # a private server: each example starts from nothing
+        self.store.on_wakes = self.published
+        self.names = Names(self.config.namespace)
+        self.runs: dict[str, Run] = {}
+        self.broker: list[Msg] = []
+        self.limits_seen: set[Optional[int]] = {limit}
+        self.store.set_queue_limit("q", limit)
+        self.hosts = itertools.count()
+        self.ops: list[str] = []
+
+    # -- the world around the store -------------------------------------------------
+    def published(self, wakes: list[Wake]) -> None:
+        for wake in wakes:
+            run = json.loads(wake.message)["run"]
+            self.ops.append(f"  woke {run} {wake.ticket} at {wake.tag}")
+            self.broker.append(Msg(run, ticket=wake.ticket, home=wake.tag))
+
+    def note(self, text: str) -> None:
+        self.ops.append(text)
+
+    def plan(self, run: Run) -> Plan:
+        if run.kind == "key":
+            spec = RunSpec("t", key=run.key)
+        elif run.kind == "part":
+            spec = RunSpec("t", key=run.key, queue=ConcurrencyQueue("q"))
+        else:
+            spec = RunSpec("t", queue=ConcurrencyQueue("q"))
+        plan = plan_for(self.config, spec)
+        return plan if plan is not None else Plan(slots=())
+
+    def slots_of(self, run: Run, home: Optional[str]) -> tuple[Slot, ...]:
+        plan = self.plan(run)
+        if home is None or home in plan.tags:
+            return plan.slots
+        slot = slot_for_tag(self.config, self.names, home)
+        return plan.slots if slot is None else (*plan.slots, replace(slot, home_only=True))
+
+    def token(self, run: Run, host: str, ticket: str) -> str:
+        return json.dumps([run.id, host, 1, uuid.uuid4().hex[:8], ticket, "t", 0, []],
+                          separators=(",", ":"))
+
+    def live_units(self, tag: str) -> int:
+        state = self.store.read_slot(tag)
+        if state.simple is not None:
+            return 1
+        return sum(1 for _, expiry in state.units if expiry > state.now_ms)
+
+    def limit_now(self, slot: Slot) -> Optional[int]:
+        return self.store.resolve_limits([slot])[0] if slot.when_unlimited is None else 1
+
+    # -- rules -------------------------------------------------------------------------
+    @rule(kind=st.sampled_from(KINDS), key=st.sampled_from(KEYS))
+    def submit(self, kind: str, key: str) -> None:
+        run = Run(id=f"r{len(self.runs)}", kind=kind, key=key)
+        self.runs[run.id] = run
+        self.broker.append(Msg(run.id))
+
+    @precondition(lambda self: self.broker)
+    @rule(data=st.data(), handoff=st.booleans())
+    def deliver(self, data: st.DataObject, handoff: bool) -> None:
+        """A worker (countdown or handoff: a mixed deployment) takes a copy from the broker."""
+        msg = self.broker.pop(data.draw(st.integers(0, len(self.broker) - 1)))
+        self.admit(msg, handoff)
+
+    def admit(self, msg: Msg, handoff: bool) -> None:
+        try:
+            self._admit(msg, handoff)
+        except AssertionError as exc:
+            if "--- what happened" in str(exc):
+                raise
+            raise AssertionError(f"{exc}\n--- what happened:\n" + "\n".join(self.ops)) from None
+
+    def _admit(self, msg: Msg, handoff: bool) -> None:
+        run = self.runs[msg.run]
+        slots = self.slots_of(run, msg.home)
+        if run.revoked:
+            # Celery discards it before the body (task_revoked): what it had goes
+            self.store.forfeit(slots, run.id, msg.ticket)
+            return
+        if not slots:
+            self.start(run, Execution((), "", msg.ticket, "none"))
+            return
+        host = f"h{next(self.hosts)}"
+        token = self.token(run, host, msg.ticket)
+        new_ticket = msg.ticket or uuid.uuid4().hex[:16]
+
+        def attempt(message: str) -> Any:
+            return self.store.acquire(slots, run.id, token, ticket=msg.ticket,
+                                      new_ticket=new_ticket, message=message,
+                                      order_ms=msg.first_ms, home=msg.home)
+        result = attempt("?" if handoff else "")
+        if result.status == "needs_message":
+            result = attempt(json.dumps({"run": run.id}))
+        self.ops.append(f"admit {run.id} {msg} handoff={handoff}: {result.status} {result.why}"
+                        f" {[s.label for s in result.taken]} blocked="
+                        f"{result.blocked.label if result.blocked else None} parked={result.parked}")
+        if result.status == "admitted":
+            for slot in result.taken:  # S1: a unit was created only below the limit
+                limit = self.limit_now(slot)
+                assert limit is None or self.live_units(slot.tag) <= limit, (slot.label, limit)
+            self.start(run, Execution(result.taken, token, msg.ticket, host))
+        elif result.status == "dropped":
+            if result.why == "dup":  # S3: only a copy whose ticket holds, waits or finished
+                busy = (run.running or run.waiting)
+                assert msg.ticket and ((busy is not None and busy.ticket == msg.ticket)
+                                       or msg.ticket in run.finished_tickets), (run, msg)
+            else:  # "parked": its message is safe in a line or a reservation
+                assert self.in_redis(run), (run, msg)
+        elif result.status == "blocked" and not result.parked:
+            self.broker.append(Msg(run.id, msg.ticket, msg.home, msg.first_ms or 1))
+
+    def slot_tags(self) -> list[str]:
+        return [t for t in self.store.scan_tags()
+                if (p := parse_tag(t)) is not None and p.kind in ("env", "key", "queue", "partition")]
+
+    def in_redis(self, run: Run) -> bool:
+        return any(run.id in self.store.read_slot(tag).messages for tag in self.slot_tags())
+
+    def start(self, run: Run, execution: Execution) -> None:
+        if not execution.slots:
+            # an unlimited queue: nothing to coordinate; Celery's own at-least-once applies
+            run.uncoordinated = True
+            run.executions += 1
+            run.done = True
+            return
+        # S3: one copy at a time (a stale one lost its lease: that is a fault)
+        assert run.running is None or run.running.stale, f"{run.id} executes twice at once"
+        assert run.waiting is None, f"{run.id} started while it waits in wait_for"
+        run.running = execution
+        run.executions += 1
+
+    def running_runs(self) -> list[Run]:
+        return [r for r in self.runs.values() if r.running is not None]
+
+    @precondition(lambda self: self.running_runs())
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        run = data.draw(st.sampled_from(self.running_runs()))
+        self.end(run)
+
+    def end(self, run: Run) -> None:
+        execution = run.running
+        assert execution is not None
+        self.note(f"end {run.id} ticket={execution.ticket} stale={execution.stale}")
+        parent = self.runs.get(run.parent or "")
+        if parent is not None and parent.waiting is not None and not execution.stale:
+            self.store.ready(parent.waiting.slots, parent.id, parent.wait_token)
+        self.store.release(execution.slots, run.id, execution.token, execution.ticket)
+        run.running = None
+        # a run whose lease lapsed still ran its body to the end: it executed
+        run.done = True
+        if execution.ticket:
+            run.finished_tickets.add(execution.ticket)
+
+    @precondition(lambda self: self.running_runs())
+    @rule(data=st.data())
+    def retry(self, data: st.DataObject) -> None:
+        """self.retry(): the run ends and a fresh copy (no ticket) is published."""
+        run = data.draw(st.sampled_from([r for r in self.running_runs()]))
+        execution = run.running
+        assert execution is not None
+        self.note(f"retry {run.id}")
+        run.retries += 1
+        self.store.release(execution.slots, run.id, execution.token, execution.ticket)
+        run.running = None
+        if execution.ticket:
+            run.finished_tickets.add(execution.ticket)
+        self.broker.append(Msg(run.id))
+
+    @precondition(lambda self: [r for r in self.running_runs() if r.running and r.running.slots])
+    @rule(data=st.data())
+    def lose_process(self, data: st.DataObject) -> None:
+        """SIGKILL, OOM, hard time limit: the main process frees by token prefix; the broker
+        redelivers the copy that was running (acks late)."""
+        run = data.draw(st.sampled_from([r for r in self.running_runs() if r.running and r.running.slots]))
+        execution = run.running
+        assert execution is not None
+        self.note(f"lose process {run.id}")
+        self.store.release_lost(execution.slots, run.id, token_prefix(run.id, execution.host, 1))
+        run.running = None
+        run.faults += 1
+        self.broker.append(Msg(run.id, execution.ticket))
+
+    @precondition(lambda self: [r for r in self.runs.values() if r.waiting is not None])
+    @rule(data=st.data())
+    def lose_a_waiting_process(self, data: st.DataObject) -> None:
+        """The process of a run blocked in wait_for dies: its waits go (token prefix) and the
+        broker redelivers it; it starts again from the top. Its child runs on."""
+        run = data.draw(st.sampled_from([r for r in self.runs.values() if r.waiting is not None]))
+        waiting = run.waiting
+        assert waiting is not None
+        self.note(f"lose waiting process {run.id}")
+        self.store.release_lost(self.plan(run).slots, run.id,
+                                token_prefix(run.id, waiting.host, 1))
+        child = self.runs[run.child or ""]
+        child.parent = None
+        run.waiting, run.child, run.wait_token = None, None, ""
+        run.faults += 1
+        self.broker.append(Msg(run.id, waiting.ticket))
+
+    @precondition(lambda self: [r for r in self.running_runs() if r.running and not r.running.stale])
+    @rule(data=st.data())
+    def lose_lease(self, data: st.DataObject) -> None:
+        """The run stalls past its lease: its units run out; it may still renew or finish."""
+        run = data.draw(st.sampled_from([r for r in self.running_runs()
+                                         if r.running and not r.running.stale]))
+        execution = run.running
+        assert execution is not None
+        client = self.store.client
+        for slot in execution.slots:
+            units = Names.redis_key(slot.tag, UNITS)
+            if client.type(units) in (b"string", "string"):
+                if client.get(units) in (execution.token, execution.token.encode()):
+                    client.delete(units)
+            else:
+                client.zadd(units, {run.id: 1}, xx=True)
+        execution.stale = True
+        run.faults += 1
+        self.note(f"lose lease {run.id}")
+
+    @precondition(lambda self: self.running_runs())
+    @rule(data=st.data())
+    def renew(self, data: st.DataObject) -> None:
+        run = data.draw(st.sampled_from(self.running_runs()))
+        execution = run.running
+        assert execution is not None
+        (count,) = self.store.renew_many([(execution.slots, run.id, execution.token, "hold")])
+        if execution.stale:
+            assert count < len(execution.slots) or not execution.slots, "a lost lease came back"
+        else:
+            assert count == len(execution.slots), "a live run could not renew"
+
+    @precondition(lambda self: self.broker)
+    @rule(data=st.data())
+    def redeliver(self, data: st.DataObject) -> None:
+        """The broker delivers a copy twice (visibility timeout, a lost ack)."""
+        msg = self.broker[data.draw(st.integers(0, len(self.broker) - 1))]
+        self.broker.append(Msg(msg.run, msg.ticket, msg.home, msg.first_ms))
+        # a fault: a copy without a ticket that comes after its run finished runs again
+        # (at-least-once); the protocol only promises it never runs at the same time
+        self.runs[msg.run].faults += 1
+        self.note(f"redeliver {msg}")
+
+    @precondition(lambda self: self.broker)
+    @rule(data=st.data())
+    def revoke(self, data: st.DataObject) -> None:
+        """revoke(task_id) or an ``expires`` that passes: every copy is discarded from now."""
+        msg = self.broker[data.draw(st.integers(0, len(self.broker) - 1))]
+        run = self.runs[msg.run]
+        if run.parent is None and run.child is None:
+            run.revoked = True
+            self.note(f"revoke {run.id}")
+
+    @precondition(lambda self: [r for r in self.running_runs()
+                                if r.running and not r.running.stale and r.running.slots
+                                and r.parent is None and r.child is None])
+    @rule(data=st.data(), kind=st.sampled_from(KINDS), key=st.sampled_from(KEYS))
+    def wait_for(self, data: st.DataObject, kind: str, key: str) -> None:
+        run = data.draw(st.sampled_from([r for r in self.running_runs()
+                                         if r.running and not r.running.stale and r.running.slots
+                                         and r.parent is None and r.child is None]))
+        execution = run.running
+        assert execution is not None
+        run.wait_token = json.dumps([run.id, execution.host, 1, uuid.uuid4().hex[:8],
+                                     execution.ticket], separators=(",", ":"))
+        self.store.step_out(execution.slots, run.id, execution.token, run.wait_token)
+        self.note(f"{run.id} waits for r{len(self.runs)} ({kind} {key})")
+        run.waiting, run.running = execution, None
+        child = Run(id=f"r{len(self.runs)}", kind=kind, key=key, parent=run.id)
+        self.runs[child.id] = child
+        run.child = child.id
+        self.broker.append(Msg(child.id))
+
+    def resumable(self) -> list[Run]:
+        return [r for r in self.runs.values() if r.waiting is not None and r.child is not None
+                and self.runs[r.child].done]
+
+    @precondition(lambda self: self.resumable())
+    @rule(data=st.data())
+    def resume(self, data: st.DataObject) -> None:
+        run = data.draw(st.sampled_from(self.resumable()))
+        self.try_resume(run)
+
+    def try_resume(self, run: Run) -> bool:
+        waiting = run.waiting
+        assert waiting is not None
+        token = self.token(run, waiting.host, waiting.ticket)
+        result = self.store.acquire(self.plan(run).slots, run.id, token, mode="resume",
+                                    ticket=run.wait_token)
+        self.note(f"resume {run.id}: {result.status}")
+        if result.status != "admitted":
+            return False
+        run.waiting, run.child = None, None
+        run.running = Execution(result.taken, token, waiting.ticket, waiting.host)
+        return True
+
+    @rule(limit=st.sampled_from([None, 1, 2, 3]))
+    def change_limit(self, limit: Optional[int]) -> None:
+        """celery ckeys limits set q N / --clear, while runs hold, wait and park."""
+        self.store.set_queue_limit("q", limit)
+        self.limits_seen.add(limit)
+        self.note(f"limit q = {limit}")
+
+    @rule()
+    def claim_windows_pass(self) -> None:
+        """Time passes: every woken run's claim window is over (the sweeper wakes it again)."""
+        client = self.store.client
+        for tag in self.slot_tags():
+            state = self.store.read_slot(tag)
+            for who, _ in state.units:
+                if state.info.get(who, "").startswith("@w"):
+                    client.zadd(Names.redis_key(tag, UNITS), {who: 1}, xx=True)
+
+    @rule()
+    def sweep(self) -> None:
+        """What every worker's main process does each second, here for every indexed slot
+        whether due or not (time is the model's to move)."""
+        raw = self.store.client.zrange(self.names.index_key(), 0, -1, withscores=True)
+        for tag, seen in raw:
+            slot = slot_for_tag(self.config, self.names, tag.decode() if isinstance(tag, bytes) else tag)
+            assert slot is not None
+            self.store.sweep(slot, float(seen))
+
+    def indexed(self) -> list[str]:
+        raw = self.store.client.zrange(self.names.index_key(), 0, -1)
+        return [x.decode() if isinstance(x, bytes) else x for x in raw]
+
+    @rule()
+    def redis_forgets_its_scripts(self) -> None:
+        """A Redis restart (AOF keeps the data): every script must be loaded again."""
+        self.store.client.script_flush()
+
+    # -- safety, after every step ------------------------------------------------------
+    @invariant()
+    def never_over_a_limit_and_one_copy_at_a_time(self) -> None:
+        if not hasattr(self, "runs"):
+            return
+        held: dict[str, list[str]] = {}
+        for run in self.runs.values():
+            if run.running is not None and not run.running.stale:
+                for slot in run.running.slots:
+                    held.setdefault(slot.tag, []).append(run.id)
+        env = self.config.environment_limit
+        top = max((min(lim, env) if env and lim else lim or env or 1) for lim in self.limits_seen)
+        for tag, holders in held.items():
+            assert len(holders) == len(set(holders)), f"a run holds {tag} twice: {holders}"
+            parsed = self.names.parse(Names.redis_key(tag, UNITS))
+            assert parsed is not None
+            if parsed[0].kind == "key":
+                assert len(holders) <= 1, f"two runs hold key {parsed[0].key}: {holders}"
+            elif parsed[0].kind == "env" or parsed[0].queue == "t":
+                # the environment, and the task's implicit queue (capped by the environment)
+                assert len(holders) <= 2, f"{tag} is over its limit: {holders}"
+            else:
+                assert len(holders) <= top, f"{tag} is over every limit it ever had: {holders}"
+
+    # -- liveness and bounds, once the events stop ---------------------------------------
+    def teardown(self) -> None:
+        if not hasattr(self, "runs"):
+            return
+        try:
+            self.checked_drain()
+        finally:
+            self.store.close()
+
+    def checked_drain(self) -> None:
+        try:
+            self.drain()
+            for run in self.runs.values():
+                if run.revoked:
+                    continue
+                assert run.done, f"{run.id} never finished: {run}"
+                assert run.uncoordinated or run.executions <= 1 + run.faults + run.retries, \
+                    f"{run.id} ran twice without a fault: {run}"
+            self.nothing_left()
+        except AssertionError as exc:
+            if "--- what happened" in str(exc):
+                raise
+            raise AssertionError(f"{exc}\n--- what happened:\n" + "\n".join(self.ops)) from None
+
+    def drain(self) -> None:
+        for _ in range(60):
+            progressed = False
+            for run in list(self.running_runs()):
+                self.end(run)
+                progressed = True
+            for run in self.resumable():
+                progressed = self.try_resume(run) or progressed
+            batch, self.broker = self.broker, []
+            for msg in batch:
+                self.admit(msg, handoff=True)
+                progressed = True
+            if not progressed:
+                if all(r.done or r.revoked for r in self.runs.values()) and not self.indexed():
+                    return
+                self.claim_windows_pass()
+                self.sweep()
+        states = "\n".join(str(self.store.read_slot(tag)) for tag in self.slot_tags())
+        raise AssertionError(f"the system did not drain: {self.runs} {self.broker}\n{states}")
+
+    def nothing_left(self) -> None:
+        client = self.store.client
+        left = []
+        for tag, roles in self.store.scan_tags().items():
+            for role in roles:
+                key = Names.redis_key(tag, role)
+                if role == "c":
+                    continue  # a recorded limit is configuration, kept on purpose
+                if role in ("f", "q") or role.startswith("x:"):
+                    bound = {"f": self.config.deferral_memory_ms, "q": 60_000}.get(
+                        role, self.config.lock_ttl_ms)
+                    ttl = client.pttl(key)
+                    assert 0 < ttl <= bound, f"{key} lives without a bound ({ttl})"
+                else:
+                    left.append(key)
+        assert not left, f"state left behind once idle: {left}"
+
+
+@pytest.fixture(scope="module")
+def single() -> Iterator[str]:
+    server = RedisServer().start()
+    yield f"{server.url}/0"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    c = Cluster().start()
+    yield c.url
+    c.stop()
+
+
+SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+                    # CKT_MODEL_NOSHRINK=1 reports the first failure as found (faster to debug)
+                    phases=[p for p in Phase if p != Phase.shrink or not os.environ.get(
+                        "CKT_MODEL_NOSHRINK")])
+
+
+def test_protocol_on_one_redis(single: str) -> None:
+    machine = type("OnOneRedis", (Protocol,), {"url": single, "cluster": False})
+    run_state_machine_as_test(machine, settings=SETTINGS)
+
+
+def test_protocol_on_a_cluster(cluster: str) -> None:
+    machine = type("OnACluster", (Protocol,), {"url": cluster, "cluster": True})
+    run_state_machine_as_test(machine, settings=SETTINGS)
