@@ -257,7 +257,7 @@ def hold(task: Any, request: Any, store: Store, plan: Plan, token: str, ticket: 
                       slots=result.taken, ticket=ticket)
     heartbeat.add(holding)
     _active[request.id] = ActiveRun(holding, plan, token)
-    if type(request) is Context:
+    if result.taken and type(request) is Context:
         request.__class__ = FencedContext  # ckeys_fence is read from Redis only if asked for
     request.ckeys_slots = [slot.label for slot in result.taken]
     if acquire_log.isEnabledFor(logging.DEBUG):
@@ -266,7 +266,8 @@ def hold(task: Any, request: Any, store: Store, plan: Plan, token: str, ticket: 
     metrics.acquired(task, len(result.taken), waited)
     if signals.slots_acquired.receivers:
         signals.slots_acquired.send(sender=task, task_id=request.id, slots=request.ckeys_slots,
-                                    fence=request.ckeys_fence, waited=round(waited, 3))
+                                    fence=request.ckeys_fence if result.taken else None,
+                                    waited=round(waited, 3))
     return holding
 
 

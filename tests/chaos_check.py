@@ -21,6 +21,7 @@ class Execution:
     start: float
     end: Optional[float]
     killed: bool = False
+    final: bool = True  # False for an attempt that then retried
 
 
 def executions(events: Iterable[dict[str, Any]], kills: dict[int, list[float]]) -> list[Execution]:
@@ -36,6 +37,7 @@ def executions(events: Iterable[dict[str, Any]], kills: dict[int, list[float]]) 
         elif event["ev"] == "end" and ident in open_:
             execution = open_.pop(ident)
             execution.end = event["t"]
+            execution.final = event.get("final", True)
             done.append(execution)
     done.extend(open_.values())
     for execution in done:
@@ -56,7 +58,7 @@ def check(events: list[dict[str, Any]], kills: dict[int, list[float]], limits: d
         if execution.end is None:
             problems.append(f"{execution.task_id} started in pid {execution.pid} and neither"
                             " ended nor was killed")
-    finished = {e.task_id for e in runs if e.end is not None and not e.killed}
+    finished = {e.task_id for e in runs if e.end is not None and not e.killed and e.final}
     missing = set(expected_ids) - finished
     if missing:
         problems.append(f"{len(missing)} run(s) never completed, e.g. {sorted(missing)[:3]}")

@@ -1,10 +1,13 @@
-"""Chaos: runs over keys and limited queues while pool processes are SIGKILLed, a worker
-restarts and the coordination Redis restarts (AOF on). A checker then proves from a journal
-that no key overlapped, no limit was exceeded, every run executed at least once, and no
-state was left behind.
+"""Chaos: runs over keys, partitions and limited queues while pool processes are
+SIGKILLed, a worker restarts, the coordination Redis restarts (AOF on), queue limits change
+live, runs retry and autoretry, and some are revoked or expire; one worker defers by
+countdown and one by handoff. A checker then proves from a journal that no key or partition
+overlapped, no limit was exceeded, every run that was not revoked executed to its end at
+least once, and no state was left behind. It runs on one Redis and on a 3-master cluster
+(there without the Redis restart).
 
 CI runs a short version (``--chaos-runs``, default 600); ``make chaos`` runs 10,000 runs
-over 1,000 keys and 5 limited queues on 2 workers of 4 processes.
+over 1,000 keys on 2 workers of 4 processes.
 """
 
 from __future__ import annotations
@@ -15,24 +18,32 @@ import random
 import signal
 import threading
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 import redis
 from chaos_check import check, executions
 from conftest import Env, Workers, wait_until
+from servers import Cluster
 
+from celery_ckeys.config import get_config
+from celery_ckeys.embedded import RedisServer
 from celery_ckeys.naming import Names
+from celery_ckeys.store import store_for
 
-QUEUE_LIMITS = {f"cq{i}": i for i in range(1, 6)}
+QUEUE_LIMITS = {f"cq{i}": i for i in range(1, 4)}  # trigger-time limits, recorded per run
+LIVE_LIMITS = {"lq1": 3, "lq2": 3}  # limits the chaos changes live (checked at their maximum)
+PARTITIONED = "pq"  # a queue partitioned per key whose limit flips between none and 1
 
 
 class Chaos(threading.Thread):
-    """SIGKILLs random pool processes all along; restarts the coordination Redis once 30% of
-    the runs are done and a worker once 60% are, so that both happen mid-flight."""
+    """SIGKILLs random pool processes and changes live limits all along; restarts the
+    coordination Redis once 30% of the runs are done (one Redis only) and a worker once 60%
+    are, so that both happen mid-flight."""
 
     def __init__(self, env: Env, groups: list[Workers], progress: Callable[[], float],
-                 kill_every: float = 0.4) -> None:
+                 restart_redis: bool, kill_every: float = 0.4) -> None:
         super().__init__(daemon=True)
         self.env = env
         self.groups = groups
@@ -42,15 +53,17 @@ class Chaos(threading.Thread):
         self.kills: dict[int, list[float]] = {}
         self.actions: list[str] = []
         self.rng = random.Random(1234)
+        self.redis_done = not restart_redis
+        self.store = store_for(get_config(env.app()))
 
     def run(self) -> None:
-        last_kill = time.monotonic()
-        redis_done = worker_done = False
+        last_kill = last_limit = time.monotonic()
+        worker_done = False
         while not self.stop_event.wait(0.05):
             try:
                 done = self.progress()
-                if not redis_done and done >= 0.3:
-                    redis_done = True
+                if not self.redis_done and done >= 0.3:
+                    self.redis_done = True
                     self.restart_redis()
                 elif not worker_done and done >= 0.6:
                     worker_done = True
@@ -58,8 +71,20 @@ class Chaos(threading.Thread):
                 elif time.monotonic() - last_kill >= self.kill_every:
                     last_kill = time.monotonic()
                     self.kill_pool_process()
+                if time.monotonic() - last_limit >= 0.25:
+                    last_limit = time.monotonic()
+                    self.change_limits()
             except Exception as exc:  # keep the chaos going; the checker has the last word
                 self.actions.append(f"error: {exc!r}")
+
+    def change_limits(self) -> None:
+        try:
+            for queue, top in LIVE_LIMITS.items():
+                self.store.set_queue_limit(queue, self.rng.randint(1, top))
+            self.store.set_queue_limit(PARTITIONED, self.rng.choice([None, 1]))
+            self.actions.append("changed limits")
+        except Exception as exc:  # the coordination Redis may be restarting
+            self.actions.append(f"limits not changed: {type(exc).__name__}")
 
     def kill_pool_process(self) -> None:
         group = self.rng.choice([g for g in self.groups if g.procs[0].poll() is None])
@@ -77,7 +102,7 @@ class Chaos(threading.Thread):
     def restart_worker(self) -> None:
         group = self.groups[0]
         group.stop()  # warm shutdown: running bodies finish, reserved messages go back
-        self.groups[0] = self.env.workers(count=1, concurrency=4)
+        self.groups[0] = self.env.workers(count=1, concurrency=4, **HANDOFF)
         self.actions.append("restarted a worker")
 
     def restart_redis(self) -> None:
@@ -87,30 +112,79 @@ class Chaos(threading.Thread):
         self.actions.append("restarted the coordination Redis (AOF)")
 
 
-@pytest.mark.chaos
-@pytest.mark.parametrize("deferral", ["handoff"])
-def test_chaos(own_redis_env: Callable[..., Env], request: pytest.FixtureRequest, deferral: str) -> None:
-    env = own_redis_env(appendonly=True)
-    total = int(request.config.getoption("--chaos-runs"))
-    keys = max(10, total // 10)
-    env.configure(ckeys_deferral=deferral, ckeys_retry_countdown=1.0, ckeys_lock_ttl=10,
-                  task_reject_on_worker_lost=True)
-    journal = redis.Redis.from_url(env.broker, decode_responses=True)
-    groups = [env.workers(count=1, concurrency=4), env.workers(count=1, concurrency=4)]
-    app = env.app()
+HANDOFF = {"ckeys_deferral": "handoff"}
+COUNTDOWN = {"ckeys_deferral": "countdown"}
+
+
+@pytest.fixture(params=["one-redis", "cluster"])
+def chaos_env(request: pytest.FixtureRequest, own_redis_env: Callable[..., Env],
+              redis_server: RedisServer, tmp_path: Path) -> Iterator[Env]:
+    if request.param == "one-redis":
+        yield own_redis_env(appendonly=True)
+        return
+    cluster = Cluster().start()
+    world = Env(redis_server, tmp_path, request.node.name, redis_url=cluster.url)
+    world.configure(ckeys_redis_cluster=True)
+    try:
+        yield world
+    finally:
+        world.close()
+        cluster.stop()
+
+
+def publish(app: Any, total: int, rng: random.Random) -> tuple[list[Any], set[str]]:
+    """The chaos mix: keys, trigger-time queues, live-limit queues, partitions; some runs
+    retry or autoretry once; some are revoked or expire. Returns the results and the ids
+    that may legitimately never complete (revoked or expired)."""
     chaos_task = app.tasks["ckt.chaos"]
-    rng = random.Random(99)
-    results = []
-    for i in range(total):
+    keys = max(10, total // 10)
+    results, discardable = [], set()
+    for _i in range(total):
         duration = rng.choice([0.0, 0.01, 0.03, 0.08])
-        if i % 10 < 7:
+        how = rng.choices(["ok", "retry", "auto"], [8, 1, 1])[0]
+        kind = rng.choices(["key", "queue", "live", "part"], [6, 1, 1, 2])[0]
+        options: dict[str, Any] = {}
+        if kind == "key":
             key = f"key{rng.randrange(keys)}"
-            results.append(chaos_task.apply_async(([key], duration), concurrency_key=key))
-        else:
+            labels, options = [key], {"concurrency_key": key}
+        elif kind == "queue":
             queue = rng.choice(list(QUEUE_LIMITS))
-            results.append(chaos_task.apply_async(
-                ([queue], duration), concurrency_queue={"name": queue, "limit": QUEUE_LIMITS[queue]}))
-    expected = {r.id for r in results}
+            labels, options = [queue], {"concurrency_queue": {"name": queue,
+                                                              "limit": QUEUE_LIMITS[queue]}}
+        elif kind == "live":
+            queue = rng.choice(list(LIVE_LIMITS))
+            labels, options = [queue], {"concurrency_queue": queue}
+        else:
+            key = f"t{rng.randrange(keys // 2)}"
+            labels = [f"{PARTITIONED}:{key}"]
+            options = {"concurrency_queue": PARTITIONED, "concurrency_key": key}
+        if rng.random() < 0.03:
+            options["expires"] = 0.3
+        result = chaos_task.apply_async((labels, duration, how), **options)
+        if "expires" in options:
+            discardable.add(result.id)
+        elif rng.random() < 0.03:
+            app.control.revoke(result.id)
+            discardable.add(result.id)
+        results.append(result)
+    return results, discardable
+
+
+@pytest.mark.chaos
+def test_chaos(chaos_env: Env, request: pytest.FixtureRequest) -> None:
+    env = chaos_env
+    total = int(request.config.getoption("--chaos-runs"))
+    cluster = env.conf.get("ckeys_redis_cluster", False)
+    env.configure(ckeys_retry_countdown=1.0, ckeys_lock_ttl=10, task_reject_on_worker_lost=True)
+    journal = redis.Redis.from_url(env.broker, decode_responses=True)
+    groups = [env.workers(count=1, concurrency=4, **HANDOFF),
+              env.workers(count=1, concurrency=4, **COUNTDOWN)]
+    app = env.app()
+    store = store_for(get_config(app))
+    for queue, top in LIVE_LIMITS.items():
+        store.set_queue_limit(queue, top)
+    results, discardable = publish(app, total, random.Random(99))
+    expected = {r.id for r in results} - discardable
     journal_key = f"journal:{env.namespace}"
     finished: set[str] = set()
     read = [0]
@@ -120,10 +194,12 @@ def test_chaos(own_redis_env: Callable[..., Env], request: pytest.FixtureRequest
         with lock:
             fresh = journal.lrange(journal_key, read[0], -1)
             read[0] += len(fresh)
-            finished.update(e["id"] for e in map(json.loads, fresh) if e["ev"] == "end")
+            finished.update(e["id"] for e in map(json.loads, fresh)
+                            if e["ev"] == "end" and e.get("final", True))
             return set(finished)
 
-    chaos = Chaos(env, groups, progress=lambda: len(ended()) / total)
+    chaos = Chaos(env, groups, progress=lambda: len(ended()) / max(1, len(expected)),
+                  restart_redis=not cluster)
     chaos.start()
     try:
         def progress_line() -> bool:
@@ -134,7 +210,7 @@ def test_chaos(own_redis_env: Callable[..., Env], request: pytest.FixtureRequest
 
         try:
             wait_until(progress_line, 120 + total * 0.05, interval=0.5,
-                       message=f"every one of {total} runs to complete")
+                       message=f"every one of {len(expected)} runs to complete")
         except AssertionError:
             print(where_are(env, sorted(expected - ended())[:10]))
             raise
@@ -142,20 +218,23 @@ def test_chaos(own_redis_env: Callable[..., Env], request: pytest.FixtureRequest
         chaos.stop_event.set()
         chaos.join(60)
     events = [json.loads(e) for e in journal.lrange(journal_key, 0, -1)]
-    problems = check(events, chaos.kills, QUEUE_LIMITS, expected)
+    limits = {**QUEUE_LIMITS, **LIVE_LIMITS}
+    problems = check(events, chaos.kills, limits, expected)
     killed = sum(1 for e in executions(events, chaos.kills) if e.killed)
     print(f"\n{total} runs, {len(events) // 2} executions, {killed} killed mid-body;"
           f" chaos: {len(chaos.actions)} actions: {sorted(set(a.split(' ')[0] for a in chaos.actions))}")
     assert not [a for a in chaos.actions if a.startswith("error")], chaos.actions
-    assert "restarted the coordination Redis (AOF)" in chaos.actions
-    assert "restarted a worker" in chaos.actions
+    assert cluster or "restarted the coordination Redis (AOF)" in chaos.actions
+    assert "restarted a worker" in chaos.actions and "changed limits" in chaos.actions
     assert problems == []
+    # a run that retried or autoretried ran its body again after it ended: at least twice
+    assert {r.id for r in results if r.state == "SUCCESS"} >= expected
     assert_no_state_left(env)
 
 
 def where_are(env: Env, task_ids: list[str]) -> str:
     """Where runs that never completed are: in Redis lines, the broker, or nowhere."""
-    client = env.redis
+    client = env.coord()
     broker = redis.Redis.from_url(env.broker, decode_responses=True)
     names = Names(env.namespace)
     report = []
@@ -163,9 +242,10 @@ def where_are(env: Env, task_ids: list[str]) -> str:
         places = []
         for key in client.scan_iter(match=names.scan_pattern(), count=1000):
             kind = client.type(key)
+            kind = kind.decode() if isinstance(kind, bytes) else kind
             if (kind == "zset" and client.zscore(key, task_id) is not None) or \
                     (kind == "hash" and client.hexists(key, task_id)):
-                places.append(key)
+                places.append(key.decode() if isinstance(key, bytes) else key)
         for queue in ("celery",):
             if any(task_id in m for m in broker.lrange(queue, 0, -1)):
                 places.append(f"broker queue {queue}")
@@ -180,15 +260,17 @@ def where_are(env: Env, task_ids: list[str]) -> str:
 
 
 def assert_no_state_left(env: Env) -> None:
-    """No holder, waiter, reservation or parked run remains; whatever is left expires."""
-    client = env.redis
+    """No unit, waiter, line or woken message remains, and no index entry; whatever else
+    is left (memos, deferral records, wake lists, the worker registry) expires."""
+    client = env.coord()
     names = Names(env.namespace)
-    live_roles = {"h", "w", "r", "p", "v", "pm"}
+    live_roles = {"h", "i", "p", "m", "r", "w", "v"}
 
     def leftovers() -> list[str]:
         found = []
-        for key in client.scan_iter(match=names.scan_pattern(), count=1000):
-            role = key.rsplit(":", 1)[1]
+        for raw in client.scan_iter(match=names.scan_pattern(), count=1000):
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            role = key.split("}:", 1)[1]
             if role in live_roles and client.exists(key):
                 found.append(key)
             elif role not in ("c", "reg") and client.ttl(key) == -1:

@@ -94,6 +94,28 @@ def test_waits_and_handoff_on_a_cluster(cluster_env: Env) -> None:
     assert env.max("h") == 1 and env.max("family") == 1
 
 
+def test_handoff_with_several_slots_per_run_on_a_cluster(cluster_env: Env) -> None:
+    """Issue 10, symptom 4: on Cluster with handoff, every woken run whose plan had two or
+    more slots (any run, once an environment limit is set) was dropped, its reservation kept."""
+    env = cluster_env
+    env.configure(ckeys_deferral="handoff", ckeys_retry_countdown=1.0,
+                  ckeys_environment_limit=2, ckeys_burst_factor=1.5)
+    env.workers(count=2, concurrency=3)
+    app = env.app()
+    work = app.tasks["ckt.work"]
+    results = [work.apply_async(([f"ck{i % 3}", "all"], 0.1), concurrency_key=f"ck{i % 3}")
+               for i in range(18)]
+    results += [work.apply_async((["part:u"], 0.1), concurrency_queue={"name": "cp", "limit": 1},
+                                 concurrency_key="u") for _ in range(6)]
+    for r in results:
+        r.get(timeout=120)
+    assert all(env.max(f"ck{i}") == 1 for i in range(3))
+    assert env.max("part:u") == 1 and env.max("all") <= 3
+    deferred = [e for e in env.events("signal") if e["name"] == "run_deferred"]
+    assert deferred and all(e.get("countdown") is None for e in deferred), "runs did not park"
+    assert len({e["id"] for e in env.events("start")}) == len(results)
+
+
 @pytest.fixture
 def sentinel_env(redis_server: RedisServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     sentinel = Sentinel().start()

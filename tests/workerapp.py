@@ -52,11 +52,13 @@ class Probe:
     def running(self, labels: list[str], task_id: str, extra: Optional[dict[str, Any]] = None
                 ) -> Iterator[None]:
         info = {"id": task_id, "labels": labels, "pid": os.getpid(), **(extra or {})}
-        self._enter(keys=labels, args=[self.prefix, json.dumps({"ev": "start", **info})])
+        self._enter(keys=labels, args=[self.prefix, json.dumps(
+            {"ev": "start", "t": time.time(), **info})])
         try:
             yield
         finally:
-            self._exit(keys=labels, args=[self.prefix, json.dumps({"ev": "end", **info})])
+            self._exit(keys=labels, args=[self.prefix, json.dumps(
+                {"ev": "end", "t": time.time(), **info})])
 
     def note(self, **event: Any) -> None:
         self.client.rpush(f"{self.prefix}:log", json.dumps(event))
@@ -185,6 +187,53 @@ def register(app: Celery, probe: Probe) -> None:
         time.sleep(30)
         return "unreachable"
 
+    # -- protocol events (test_protocol.py) -----------------------------------
+    @task(bind=True, base=KeyedTask, name="ckt.autoretry", autoretry_for=(KeyError,),
+          max_retries=1, default_retry_delay=0.2)
+    def autoretry(self: Any, labels: list[str]) -> dict[str, Any]:
+        with probe.running(labels, self.request.id, {"retries": self.request.retries}):
+            if self.request.retries == 0:
+                raise KeyError("first attempt fails")
+        return {"retries": self.request.retries}
+
+    @task(bind=True, base=KeyedTask, name="ckt.hard_limit_beating", time_limit=1)
+    def hard_limit_beating(self: Any, labels: list[str]) -> str:
+        """Reports that its body still runs, every 10 ms, until billiard kills it."""
+        while True:
+            probe.note(ev="alive", id=self.request.id, pid=os.getpid(), t=time.time())
+            time.sleep(0.01)
+
+    @task(bind=True, base=KeyedTask, name="ckt.kill_once")
+    def kill_once(self: Any, labels: list[str], duration: float) -> str:
+        """SIGKILLs its own pool process on its first execution only."""
+        with probe.running(labels, self.request.id):
+            if probe.client.set(f"{probe.prefix}:killed:{self.request.id}", 1, nx=True):
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(duration)
+        return "survived"
+
+    class ForkingTask(KeyedTask):
+        abstract = True
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            parent = os.getpid()
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                if os.getpid() != parent:
+                    os._exit(0)  # the forked child has left the gate; it must not go further
+
+    @task(bind=True, base=ForkingTask, name="ckt.forker")
+    def forker(self: Any, labels: list[str], duration: float) -> str:
+        child = os.fork()
+        if child == 0:
+            raise RuntimeError("the forked child leaves through an exception")
+        os.waitpid(child, 0)
+        probe.note(ev="forked", id=self.request.id, child=child)
+        with probe.running(labels, self.request.id):
+            time.sleep(duration)
+        return "parent done"
+
     # -- waits ----------------------------------------------------------------
     @task(bind=True, base=KeyedTask, name="ckt.parent")
     def parent(self: Any, labels: list[str], child_labels: list[str], child_opts: dict[str, Any],
@@ -206,12 +255,14 @@ def register(app: Celery, probe: Probe) -> None:
             pass
         return {"child": result, "slots": getattr(self.request, "ckeys_slots", None)}
 
-    @task(bind=True, base=KeyedTask, name="ckt.child")
+    @task(bind=True, base=KeyedTask, name="ckt.child", max_retries=3, default_retry_delay=0.2)
     def child(self: Any, labels: list[str], duration: float = 0.3, how: str = "ok") -> Any:
-        with probe.running(labels, self.request.id):
+        with probe.running(labels, self.request.id, {"retries": self.request.retries}):
             time.sleep(duration)
         if how == "raise":
             raise KeyError("child failed")
+        if how == "retry" and self.request.retries == 0:
+            raise self.retry()
         return {"id": self.request.id, "slots": getattr(self.request, "ckeys_slots", None)}
 
     @task(bind=True, base=KeyedTask, name="ckt.guard_check")
@@ -238,13 +289,21 @@ def register(app: Celery, probe: Probe) -> None:
     # -- chaos: a journal that survives a coordination Redis restart ----------
     journal = redis.Redis.from_url(os.environ.get("CKT_JOURNAL") or app.conf.broker_url)
 
-    @task(bind=True, base=KeyedTask, name="ckt.chaos")
-    def chaos(self: Any, labels: list[str], duration: float) -> str:
+    @task(bind=True, base=KeyedTask, name="ckt.chaos", autoretry_for=(KeyError,), max_retries=3,
+          default_retry_delay=0.05)
+    def chaos(self: Any, labels: list[str], duration: float, how: str = "ok") -> str:
+        """``how``: "ok"; "retry" (self.retry() once); "auto" (raise for autoretry_for once).
+        Every execution journals its start and end; the end says whether it was final."""
         key = f"journal:{app.conf.ckeys_namespace}"
         info = {"id": self.request.id, "pid": os.getpid(), "labels": labels}
         journal.rpush(key, json.dumps({"ev": "start", "t": time.time(), **info}))
         time.sleep(duration)
-        journal.rpush(key, json.dumps({"ev": "end", "t": time.time(), **info}))
+        again = how in ("retry", "auto") and self.request.retries == 0
+        journal.rpush(key, json.dumps({"ev": "end", "t": time.time(), "final": not again, **info}))
+        if again and how == "retry":
+            raise self.retry(countdown=0.05)
+        if again:
+            raise KeyError("first attempt")
         return "ok"
 
     # -- signals: the worker reports them to the probe ------------------------
