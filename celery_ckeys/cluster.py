@@ -100,9 +100,13 @@ class ClusterStore(Store):
                                         new_ticket=new_ticket, message=message,
                                         order_ms=order_ms, home=home)
         # first make sure every slot has a unit reserved for the run; claim only then
-        for fixed, original in steps:
+        for i, (fixed, original) in enumerate(steps):
+            self.note_line(original.tag)  # the sweeper drops its place if the waiter dies
             reserved = Store.acquire(self, [fixed], who, token, mode="reserve", ticket=ticket)
             if reserved.status != "reserved":
+                # the ordering rule: no place, and nothing reserved, after the slot it waits on
+                for later, _ in steps[i + 1:]:
+                    Store._release(self, "unreserve", [later], who, ticket, "")
                 return replace(reserved, blocked=original)
         result = self._steps_in_order(steps, who, token, mode=mode, ticket=ticket,
                                       new_ticket="", message="", order_ms=0, home=None)
@@ -139,7 +143,9 @@ class ClusterStore(Store):
                                    order_ms=(order_ms or self.now_ms()) - int(1e13) if priority
                                    else order_ms, primary=1)
             if not result.ok:
-                keep = priority and result.parked
+                # a home unit claimed before a later full slot stays kept, whether the run
+                # parks now or is asked for its message first (it claims "@h" then)
+                keep = priority and (result.parked or result.status == "needs_message")
                 for j, slot in taken:
                     if keep and j == at_home:
                         Store._release(self, "keep", [self._localized(slot, record=False)], who,
@@ -168,8 +174,13 @@ class ClusterStore(Store):
             self.release(slots, who, token, ticket)
 
     def _wait(self, op: str, slots: Sequence[Slot], who: str, token: str, wait_token: str) -> int:
-        return sum(Store._wait(self, op, [self._localized(slot, record=False)], who, token,
-                               wait_token) for slot in slots)
+        changed = 0
+        for slot in slots:
+            if op == "ready":
+                self.note_line(slot.tag)  # the sweeper drops its place there if it dies
+            changed += Store._wait(self, op, [self._localized(slot, record=False)], who, token,
+                                   wait_token)
+        return changed
 
     def renew_many(self, runs: Sequence[tuple[Sequence[Slot], str, str, str]]) -> list[int]:
         counts = []

@@ -39,6 +39,7 @@ class CkeysConfig:
     starvation_grace: float = 3.0
     metrics: bool = False
     handoff_claim_timeout: float = 2.0
+    handoff_copy_ttl: float = 3600.0
 
     @property
     def environment_burst_limit(self) -> Optional[int]:
@@ -55,6 +56,12 @@ class CkeysConfig:
     def claim_window_ms(self) -> int:
         """How long a woken parked run may take to arrive before it is published again."""
         return int(self.handoff_claim_timeout * 1000)
+
+    @property
+    def copy_ttl_ms(self) -> int:
+        """How long a copy of a woken run may live: it expires (Celery discards it and the
+        run is woken again), and a finished run's copies are recognised for this long."""
+        return int(self.handoff_copy_ttl * 1000)
 
     @property
     def deferral_memory_ms(self) -> int:
@@ -189,4 +196,5 @@ def from_conf(conf: Mapping[str, Any], *, default_namespace: str) -> CkeysConfig
         starvation_grace=_number(conf, "ckeys_starvation_grace", 3.0, minimum=0),
         metrics=_bool(conf, "ckeys_metrics", False),
         handoff_claim_timeout=_number(conf, "ckeys_handoff_claim_timeout", 2.0, minimum=0.1),
+        handoff_copy_ttl=_number(conf, "ckeys_handoff_copy_ttl", 3600.0, minimum=10),
     )

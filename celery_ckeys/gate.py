@@ -135,9 +135,16 @@ def tags_of(headers: dict[str, Any]) -> list[str]:
 def ticket_of(headers: dict[str, Any]) -> tuple[str, Optional[str]]:
     """``(ticket, home tag)`` of a copy woken from a line; ``("", None)`` for any other."""
     raw = headers.get(HEADER_TICKET)
-    if isinstance(raw, (list, tuple)) and len(raw) == 2 and isinstance(raw[0], str):
+    if isinstance(raw, (list, tuple)) and len(raw) >= 2 and isinstance(raw[0], str):
         return raw[0], raw[1] if isinstance(raw[1], str) else None
     return "", None
+
+
+def expires_by_us(headers: dict[str, Any]) -> bool:
+    """This copy's ``expires`` is the handoff's own copy life, not the run's: when it passes,
+    the run itself is still in Redis and is woken again."""
+    raw = headers.get(HEADER_TICKET)
+    return isinstance(raw, (list, tuple)) and len(raw) >= 3 and raw[2] == 1
 
 
 def hold_token(task: Any, request: Any, ticket: str, tags: list[str]) -> str:
@@ -227,7 +234,9 @@ def admit(task: Any, request: Any, store: Store, plan: Plan, headers: dict[str, 
         return store.acquire(slots, request.id, token, ticket=ticket, new_ticket=new_ticket,
                              message=message, order_ms=order_ms, primary=plan.primary, home=home)
     try:
-        result = attempt("?" if config.deferral == "handoff" else "")
+        # a copy woken from a line goes back to a line whatever this worker's deferral (its
+        # run is then always in Redis, and its copies may expire: protocol.md section 5)
+        result = attempt("?" if config.deferral == "handoff" or ticket else "")
         if result.status == "needs_message":
             # built only now: most runs never wait, and never pay for their message
             message = handoff.message_for(task, request, deferred_headers(headers, time.time()))

@@ -20,6 +20,7 @@ JSON. A run whose arguments JSON cannot carry falls back to the countdown.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta, timezone
 from typing import Any, Optional, Sequence
 
 from kombu.utils.json import dumps, loads
@@ -43,13 +44,39 @@ def message_for(task: Any, request: Any, headers: dict[str, Any]) -> Optional[st
 
 def publish(app: Any, wakes: Sequence[Any]) -> None:
     """Publish woken runs, each with its own task id, arguments, headers and routing, and
-    the ticket (and home line) that lets exactly one copy claim its reservation."""
+    the ticket (and home line) that lets exactly one copy claim its reservation.
+
+    Every copy expires after ``ckeys_handoff_copy_ttl`` (sooner if the run's own
+    ``expires`` says so): Celery discards an older copy, and the run, still reserved or in
+    line in Redis, is woken again. So no copy of a run can still turn up after the memo that
+    recognises its finished stay has gone (docs/protocol.md section 5).
+    """
+    from .config import get_config
+
+    copy_ttl = get_config(app).handoff_copy_ttl
     for wake in wakes:
         sig = loads(wake.message)["sig"]
         options = dict(sig.get("options") or {})
         options.pop("redelivered", None)
+        own = datetime.now(timezone.utc) + timedelta(seconds=copy_ttl)
+        theirs = _when(options.get("expires"))
+        ours = theirs is None or own < theirs
+        if ours:
+            options["expires"] = own
         headers = dict(options.get("headers") or {})
-        headers[HEADER_TICKET] = [wake.ticket, wake.tag]
+        headers[HEADER_TICKET] = [wake.ticket, wake.tag, 1 if ours else 0]
         options["headers"] = headers
         app.send_task(sig["task"], sig.get("args") or (), sig.get("kwargs") or {}, **options)
+
+
+def _when(expires: Any) -> Optional[datetime]:
+    """A run's own ``expires`` as Celery carries it (an ISO 8601 string), if any."""
+    if isinstance(expires, datetime):
+        return expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)
+    if isinstance(expires, str):
+        try:
+            return _when(datetime.fromisoformat(expires))
+        except ValueError:
+            return None
+    return None
 

@@ -355,8 +355,8 @@ class Store:
             return 0
         keys, specs, index_at = self._keys(slots, who)
         reply = self.call("release", keys, [
-            mode, who, token, ticket, self._lease, self._window, self._lease, 0, index_at,
-            len(slots), *specs])
+            mode, who, token, ticket, self._lease, self._window, self.config.copy_ttl_ms, 0,
+            index_at, len(slots), *specs])
         self._wakes(reply[1], slots)
         return int(reply[0])
 
@@ -381,8 +381,8 @@ class Store:
         for slots, who, token, ticket in runs:
             keys, specs, index_at = self._keys(slots, who)
             calls.append(("release", keys, ["normal", who, token, ticket, self._lease,
-                                            self._window, self._lease, 0, index_at, len(slots),
-                                            *specs]))
+                                            self._window, self.config.copy_ttl_ms, 0, index_at,
+                                            len(slots), *specs]))
         for (slots, *_), reply in zip(runs, self.pipeline(calls)):
             self._wakes(reply[1], slots)
 
@@ -392,7 +392,7 @@ class Store:
             return 0
         keys, specs, index_at = self._keys(slots, who)
         reply = self.call("wait", keys, [op, who, token, wait_token, self._lease, self._window,
-                                         0, 0, index_at, len(slots), *specs])
+                                         self._countdown, 0, index_at, len(slots), *specs])
         self._wakes(reply[1], slots)
         return int(reply[0])
 

@@ -217,7 +217,10 @@ def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, 
         return
     from . import gate
 
-    gate.forfeit(sender, request.id, gate.headers_of(request), request.args, request.kwargs,
+    headers = gate.headers_of(request)
+    if expired and gate.expires_by_us(headers):
+        return  # only this copy was too old; its run waits in Redis and is woken again
+    gate.forfeit(sender, request.id, headers, request.args, request.kwargs,
                  "expired" if expired else "revoked")
 
 

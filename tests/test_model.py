@@ -61,6 +61,8 @@ class Msg:
     ticket: str = ""
     home: Optional[str] = None
     first_ms: int = 0
+    #: a woken copy (and any copy made of it) expires a copy life after its wake
+    born: Optional[int] = None
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Execution:
     ticket: str
     host: str
     stale: bool = False  # its lease was lost (a fault); it may still finish, and free nothing
+    born: Optional[int] = None  # the copy it runs from (for its redelivery's expiry)
 
 
 @dataclass
@@ -114,13 +117,14 @@ class Protocol(RuleBasedStateMachine):
         self.store.set_queue_limit("q", limit)
         self.hosts = itertools.count()
         self.ops: list[str] = []
+        self.hour = 0  # the model's clock, in copy lives (ckeys_handoff_copy_ttl)
 
     # -- the world around the store -------------------------------------------------
     def published(self, wakes: list[Wake]) -> None:
         for wake in wakes:
             run = json.loads(wake.message)["run"]
             self.ops.append(f"  woke {run} {wake.ticket} at {wake.tag}")
-            self.broker.append(Msg(run, ticket=wake.ticket, home=wake.tag))
+            self.broker.append(Msg(run, ticket=wake.ticket, home=wake.tag, born=self.hour))
 
     def note(self, text: str) -> None:
         self.ops.append(text)
@@ -179,6 +183,11 @@ class Protocol(RuleBasedStateMachine):
 
     def _admit(self, msg: Msg, handoff: bool) -> None:
         run = self.runs[msg.run]
+        if msg.born is not None and msg.born < self.hour:
+            # Celery discards the expired copy (task_revoked, expired); the expiry was the
+            # handoff's own, so nothing else happens: its run is still in Redis
+            self.ops.append(f"expired copy {msg}")
+            return
         slots = self.slots_of(run, msg.home)
         if run.revoked:
             # Celery discards it before the body (task_revoked): what it had goes
@@ -195,7 +204,9 @@ class Protocol(RuleBasedStateMachine):
             return self.store.acquire(slots, run.id, token, ticket=msg.ticket,
                                       new_ticket=new_ticket, message=message,
                                       order_ms=msg.first_ms, home=msg.home)
-        result = attempt("?" if handoff else "")
+        lines_before = {s.tag: self.line_of(s.tag) for s in slots}
+        # a copy woken from a line goes back to a line whatever the worker's deferral
+        result = attempt("?" if handoff or msg.ticket else "")
         if result.status == "needs_message":
             result = attempt(json.dumps({"run": run.id}))
         self.ops.append(f"admit {run.id} {msg} handoff={handoff}: {result.status} {result.why}"
@@ -205,7 +216,10 @@ class Protocol(RuleBasedStateMachine):
             for slot in result.taken:  # S1: a unit was created only below the limit
                 limit = self.limit_now(slot)
                 assert limit is None or self.live_units(slot.tag) <= limit, (slot.label, limit)
-            self.start(run, Execution(result.taken, token, msg.ticket, host))
+                # fresh runs never pass a line (a woken or kept run was first in its own)
+                passed = [t for t in lines_before[slot.tag] if t != run.id]
+                assert result.claimed or not passed, f"{run.id} passed {passed} on {slot.label}"
+            self.start(run, Execution(result.taken, token, msg.ticket, host, born=msg.born))
         elif result.status == "dropped":
             if result.why == "dup":  # S3: only a copy whose ticket holds, waits or finished
                 busy = (run.running or run.waiting)
@@ -214,7 +228,11 @@ class Protocol(RuleBasedStateMachine):
             else:  # "parked": its message is safe in a line or a reservation
                 assert self.in_redis(run), (run, msg)
         elif result.status == "blocked" and not result.parked:
-            self.broker.append(Msg(run.id, msg.ticket, msg.home, msg.first_ms or 1))
+            self.broker.append(Msg(run.id, msg.ticket, msg.home, msg.first_ms or 1, msg.born))
+
+    def line_of(self, tag: str) -> list[str]:
+        raw = self.store.client.zrange(Names.redis_key(tag, "p"), 0, -1)
+        return [x.decode() if isinstance(x, bytes) else x for x in raw]
 
     def slot_tags(self) -> list[str]:
         return [t for t in self.store.scan_tags()
@@ -286,7 +304,7 @@ class Protocol(RuleBasedStateMachine):
         self.store.release_lost(execution.slots, run.id, token_prefix(run.id, execution.host, 1))
         run.running = None
         run.faults += 1
-        self.broker.append(Msg(run.id, execution.ticket))
+        self.broker.append(Msg(run.id, execution.ticket, born=execution.born))
 
     @precondition(lambda self: [r for r in self.runs.values() if r.waiting is not None])
     @rule(data=st.data())
@@ -342,7 +360,7 @@ class Protocol(RuleBasedStateMachine):
     def redeliver(self, data: st.DataObject) -> None:
         """The broker delivers a copy twice (visibility timeout, a lost ack)."""
         msg = self.broker[data.draw(st.integers(0, len(self.broker) - 1))]
-        self.broker.append(Msg(msg.run, msg.ticket, msg.home, msg.first_ms))
+        self.broker.append(Msg(msg.run, msg.ticket, msg.home, msg.first_ms, msg.born))
         # a fault: a copy without a ticket that comes after its run finished runs again
         # (at-least-once); the protocol only promises it never runs at the same time
         self.runs[msg.run].faults += 1
@@ -433,11 +451,64 @@ class Protocol(RuleBasedStateMachine):
         return [x.decode() if isinstance(x, bytes) else x for x in raw]
 
     @rule()
+    def a_copy_life_passes(self) -> None:
+        """ckeys_handoff_copy_ttl passes: memos of finished stays expire, woken copies older
+        than that expire in the broker, claim windows are long over."""
+        self.hour += 1
+        client = self.store.client
+        for tag in self.slot_tags():
+            for raw in client.scan_iter(match=Names.redis_key(tag, "x:*")):
+                client.delete(raw)
+        self.claim_windows_pass()
+        self.note("a copy life passes")
+
+    @precondition(lambda self: [r for r in self.runs.values()
+                                if (r.running and not r.running.stale) or r.waiting])
+    @rule(data=st.data())
+    def a_whole_host_dies(self, data: st.DataObject) -> None:
+        """The machine of a running or waiting run dies: no main process frees anything; its
+        leases run out, and the broker redelivers its message."""
+        run = data.draw(st.sampled_from([r for r in self.runs.values()
+                                         if (r.running and not r.running.stale) or r.waiting]))
+        client = self.store.client
+        execution = run.running or run.waiting
+        assert execution is not None
+        for slot in self.plan(run).slots:
+            units = Names.redis_key(slot.tag, UNITS)
+            if client.type(units) in (b"string", "string"):
+                if client.get(units) in (execution.token, execution.token.encode()):
+                    client.delete(units)
+            elif client.zscore(units, run.id) is not None:
+                client.zadd(units, {run.id: 1}, xx=True)
+            client.zadd(Names.redis_key(slot.tag, "w"), {run.id: 1}, xx=True)
+        if run.waiting is not None:
+            child = self.runs[run.child or ""]
+            child.parent = None
+            run.waiting, run.child, run.wait_token = None, None, ""
+        run.running = None
+        run.faults += 1
+        self.broker.append(Msg(run.id, execution.ticket, born=execution.born))
+        self.note(f"host of {run.id} dies")
+
+    @rule()
     def redis_forgets_its_scripts(self) -> None:
         """A Redis restart (AOF keeps the data): every script must be loaded again."""
         self.store.client.script_flush()
 
     # -- safety, after every step ------------------------------------------------------
+    @invariant()
+    def a_slot_with_people_waiting_is_never_idle(self) -> None:
+        """I1: a line, a resume order or a waiting run keeps the slot's units key, so the fast
+        path (SET NX) can never pass them."""
+        if not hasattr(self, "runs"):
+            return
+        client = self.store.client
+        for tag in self.slot_tags():
+            waiting = [role for role in ("p", "r", "w") if client.exists(Names.redis_key(tag, role))]
+            if waiting:
+                assert client.exists(Names.redis_key(tag, UNITS)), \
+                    f"{tag} has {waiting} but no units key\n" + "\n".join(self.ops)
+
     @invariant()
     def never_over_a_limit_and_one_copy_at_a_time(self) -> None:
         if not hasattr(self, "runs"):
@@ -506,20 +577,28 @@ class Protocol(RuleBasedStateMachine):
         raise AssertionError(f"the system did not drain: {self.runs} {self.broker}\n{states}")
 
     def nothing_left(self) -> None:
+        """B1: once idle, no line, message, resume order or live unit is left; what is left
+        expires within its bound (memos, deferral records, wake lists, and the lapsed units of
+        a host that died, which nobody touched again)."""
         client = self.store.client
         left = []
+        bounds = {"f": self.config.deferral_memory_ms, "q": 60_000,
+                  "h": self.config.lock_ttl_ms, "i": self.config.lock_ttl_ms,
+                  "w": self.config.lock_ttl_ms, "v": self.config.lock_ttl_ms}
         for tag, roles in self.store.scan_tags().items():
             for role in roles:
                 key = Names.redis_key(tag, role)
                 if role == "c":
                     continue  # a recorded limit is configuration, kept on purpose
-                if role in ("f", "q") or role.startswith("x:"):
-                    bound = {"f": self.config.deferral_memory_ms, "q": 60_000}.get(
-                        role, self.config.lock_ttl_ms)
-                    ttl = client.pttl(key)
-                    assert 0 < ttl <= bound, f"{key} lives without a bound ({ttl})"
-                else:
+                if role == "h" and self.live_units(tag):
+                    left.append(f"{key} (live units)")
+                    continue
+                bound = self.config.copy_ttl_ms if role.startswith("x:") else bounds.get(role)
+                if bound is None:
                     left.append(key)
+                    continue
+                ttl = client.pttl(key)
+                assert 0 < ttl <= bound, f"{key} lives without a bound ({ttl})"
         assert not left, f"state left behind once idle: {left}"
 
 

@@ -55,7 +55,7 @@ local claimed = mode == "claimed"
 for j = 1, N do
   if USED[j] then
     load(j)
-    prune(j, window, idx)
+    prune(j, LIM[j], window, idx)
     if resuming then
       if redis.call("HGET", key(j, I), who) == "@r" .. ticket then
         C[j] = "claim"
@@ -63,6 +63,7 @@ for j = 1, N do
         -- not reserved yet (or its wait ended without its child): in the resume order
         join_wait(j, who, ticket, lease)
         redis.call("ZADD", key(j, R), "NX", NOW, who)
+        index(idx, j, NOW + countdown) -- the sweeper drops it there if its waiter dies
         C[j] = "resume"
       end
     else
@@ -139,6 +140,7 @@ if blocked == nil then
         redis.call("ZREM", key(j, H), WAITER .. who)
       elseif C[j] == "claim" then
         redis.call("HDEL", key(j, M), who)
+        redis.call("HDEL", key(j, I), "n:" .. who)
       end
       taken[#taken + 1] = tostring(j)
     end
@@ -215,7 +217,7 @@ if parking then
   -- in a line of a slot it holds or waits on)
   local at = order > 0 and order or NOW
   if kept then
-    at = at - 1e13 -- ahead of every run that keeps nothing, first come first served
+    at = at + KEPT -- ahead of every run that keeps nothing, first come first served
   end
   redis.call("ZADD", key(b, P), "NX", at, who)
   redis.call("HSET", key(b, M), who, (ticket ~= "" and ticket or new_ticket) .. "\n" .. message)

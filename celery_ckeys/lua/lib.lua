@@ -61,6 +61,8 @@ local function extend(k, ms)
 end
 
 local WAITER = "\1" -- prefix of a waiting run's marker in H
+local HEAD_OF_LINE = -3e13 -- the order of a woken run put back in line: before everybody
+local KEPT = -1e13 -- added to the order of a run that keeps units of earlier slots
 
 -- Live units (holds and reservations) of a full slot; markers (score -1) are not units.
 local function units(j)
@@ -215,11 +217,15 @@ local function wake(j, who, window, idx)
     return "busy" -- this run holds or has a unit reserved here already (another copy runs)
   end
   local ticket = string.match(msg, "^([^\n]*)\n")
-  redis.call("ZADD", key(j, H), NOW + window, who)
+  -- each wake of one stay in line waits twice as long for its claim (up to 64 windows): a
+  -- run stuck behind a backlog is not published again and again
+  local wakes = redis.call("HINCRBY", key(j, I), "n:" .. who, 1)
+  local until_ = NOW + window * math.min(2 ^ (wakes - 1), 64)
+  redis.call("ZADD", key(j, H), until_, who)
   redis.call("HSET", key(j, I), who, "@w" .. ticket)
   OUT[#OUT + 1] = j
   OUT[#OUT + 1] = msg
-  index(idx, j, NOW + window)
+  index(idx, j, until_)
   return true
 end
 
@@ -296,44 +302,48 @@ local function drop_wait(j, who)
   end
 end
 
--- Expired units go, except a woken reservation that was not claimed in time: it is woken
--- again (same ticket, a new claim window), so a lost publish never strands its run.
--- Expired waits go too. Called on full slots only.
-local function prune(j, window, idx)
+-- Units whose time ran out go: holds whose lease lapsed, kept units whose run waited too
+-- long on a later slot, resume reservations whose waiter is gone, and woken reservations not
+-- claimed in time. A woken run is woken again (same ticket, a longer claim window) while
+-- there is room under the limit resolved now (lim), else it goes back to the head of its
+-- line: a lost publish never strands it. Waits whose lease ran out go too. Whatever room
+-- this makes is handed out at once (refill), so a slot with a line never looks idle (I1).
+-- Called on full slots only.
+local function prune(j, lim, window, idx)
   local h, i = key(j, H), key(j, I)
   local gone = redis.call("ZRANGEBYSCORE", h, 0, NOW)
+  local changed = #gone > 0
+  local again = {}
   for _, who in ipairs(gone) do
     local info = redis.call("HGET", i, who)
+    redis.call("ZREM", h, who)
+    redis.call("HDEL", i, who)
     if info and starts_with(info, "@w") then
-      redis.call("ZREM", h, who)
-      redis.call("HDEL", i, who)
-      if wake(j, who, window, idx) ~= true then
-        redis.call("HDEL", key(j, M), who)
-      end
-    elseif info and starts_with(info, "@h") then
-      -- a kept unit whose run waited too long on its later slot: it goes (the caller
-      -- refills the slot)
-      redis.call("ZREM", h, who)
-      redis.call("HDEL", i, who)
-    else
-      redis.call("ZREM", h, who)
-      if info then
-        redis.call("HDEL", i, who)
-      end
+      again[#again + 1] = who
+    end
+  end
+  for _, who in ipairs(again) do
+    local woken = (not lim or units(j) < lim) and wake(j, who, window, idx)
+    if woken ~= true and redis.call("HEXISTS", key(j, M), who) == 1 then
+      redis.call("ZADD", key(j, P), HEAD_OF_LINE, who)
     end
   end
   local w = key(j, W)
   if redis.call("EXISTS", w) == 1 then
     for _, who in ipairs(redis.call("ZRANGEBYSCORE", w, "-inf", NOW)) do
       drop_wait(j, who)
+      changed = true
     end
+  end
+  if changed then
+    refill(j, lim, window, idx)
   end
 end
 
 -- Give back a unit of slot j held or reserved by `who` (if info matches), then refill.
 local function give_back(j, who, lim, window, idx)
   redis.call("ZREM", key(j, H), who)
-  redis.call("HDEL", key(j, I), who)
+  redis.call("HDEL", key(j, I), who, "n:" .. who)
   refill(j, lim, window, idx)
 end
 

@@ -5,14 +5,16 @@
 -- ARGV  1 mode: "normal" (the run's own end), "lost" (its pool process is gone),
 --         "forfeit" (Celery discarded this copy: revoked, expired, unknown task), "unclaim"
 --         (Redis Cluster: a copy gives back the unit woken for its ticket on a slot it does
---         not need, or whose stay already ran), or "keep"
+--         not need, or whose stay already ran), "unreserve" (Redis Cluster: a resuming run,
+--         wait token ARGV[3], leaves this slot's resume order for now), or "keep"
 --         (Redis Cluster: a copy that took this unit, then found a later slot of its plan
 --         full, keeps it as "@h" while it waits there; see acquire.lua)
 --       2 task id
 --       3 normal: the hold token; lost: the token prefix [task id, host, pid, naming the
 --         dead process; forfeit: unused
 --       4 ticket: normal and forfeit write the memo "done:"..ticket when it is not ""
---       5 lease ms   6 claim window ms   7 memo life ms   8 unused   9 index key position
+--       5 lease ms   6 claim window ms   7 memo life ms (how long a copy of a woken run
+--       may live: ckeys_handoff_copy_ttl)   8 unused   9 index key position
 --       10 n   11.. one limit spec per slot (to refill with the limit resolved now)
 -- Returns {released, wakes}: how many units were freed (a lease that had run out frees
 -- nothing, so releasing twice frees nothing the second time), then the wakes to publish.
@@ -52,10 +54,10 @@ resolve_all(N, SPECS, false)
 
 for j = 1, N do
   load(j)
-  prune(j, window, idx)
+  local lim = LIM[j] or false
+  prune(j, lim, window, idx)
   local i = key(j, I)
   local info = redis.call("HGET", i, who)
-  local lim = LIM[j] or false
   if mode == "normal" then
     if info == token then
       released = released + 1
@@ -63,6 +65,13 @@ for j = 1, N do
     end
   elseif mode == "unclaim" then
     unclaim(j, who, ticket, lim, window, idx)
+  elseif mode == "unreserve" then
+    -- Redis Cluster: a resuming run blocked on an earlier slot leaves this one's order and
+    -- gives back what was reserved here for its wait (token): the ordering rule
+    redis.call("ZREM", key(j, R), who)
+    if info == "@r" .. token then
+      give_back(j, who, lim, window, idx)
+    end
   elseif mode == "keep" then
     if info == token then
       redis.call("ZADD", key(j, H), NOW + lease, who)

@@ -20,7 +20,7 @@ N = 1
 now_ms()
 resolve_all(1, 7, false)
 load(1)
-prune(1, window, idx)
+prune(1, LIM[1] or false, window, idx)
 refill(1, LIM[1] or false, window, idx)
 settle_all(lease)
 

@@ -8,12 +8,12 @@
 --         ARGV[4] joins the resume order, and gets a reserved unit at once where there
 --         is room and nobody resumes before it
 --       2 task id   3 hold token (enter)   4 wait token
---       5 lease ms   6 claim window ms   7..8 unused   9 index key position
+--       5 lease ms   6 claim window ms   7 countdown ms   8 unused   9 index key position
 --       10 n   11.. one limit spec per slot
 -- Returns {changed, wakes}: the slots whose state changed, then the wakes to publish.
 
 local op, who, token, wait_token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local lease, window = tonumber(ARGV[5]), tonumber(ARGV[6])
+local lease, window, countdown = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local idx = ARGV[9] ~= "0" and KEYS[tonumber(ARGV[9])] or ""
 N = tonumber(ARGV[10])
 local SPECS = 11
@@ -24,8 +24,8 @@ resolve_all(N, SPECS, false)
 
 for j = 1, N do
   load(j)
-  prune(j, window, idx)
   local lim = LIM[j] or false
+  prune(j, lim, window, idx)
   if op == "enter" then
     if redis.call("HGET", key(j, I), who) == token then
       give_back(j, who, lim, window, idx)
@@ -43,6 +43,7 @@ for j = 1, N do
       reserve_resume(j, who)
     else
       redis.call("ZADD", r, "NX", NOW, who)
+      index(idx, j, NOW + countdown) -- the sweeper drops it there if its waiter dies
     end
     changed = changed + 1
   end

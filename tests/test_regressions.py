@@ -1,0 +1,236 @@
+"""Interleavings an adversarial review of protocol v2 found, each reproduced against the
+real scripts; every test here failed before its fix. Time is moved by editing scores where a
+lease or a claim window would run out, not by sleeping."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import pytest
+from servers import Cluster
+
+from celery_ckeys.admission import RunSpec, plan_for
+from celery_ckeys.cluster import ClusterStore
+from celery_ckeys.config import from_conf
+from celery_ckeys.embedded import RedisServer
+from celery_ckeys.naming import UNITS, Names
+from celery_ckeys.queues import ConcurrencyQueue
+from celery_ckeys.store import Store, Wake
+
+_ns = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = Cluster().start()
+    yield c
+    c.stop()
+
+
+def make(url: str, cluster: bool = False, **conf: Any) -> tuple[Store, list[Wake]]:
+    config = from_conf({"ckeys_redis_url": url, "ckeys_lock_ttl": 60, "ckeys_retry_countdown": 1,
+                        "ckeys_handoff_claim_timeout": 5, "ckeys_redis_cluster": cluster, **conf},
+                       default_namespace=f"rev-{next(_ns)}")
+    store = (ClusterStore if cluster else Store)(config)
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    return store, woken
+
+
+@pytest.fixture(params=["one-redis", "cluster"])
+def stores(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[tuple[Store, list[Wake]]]:
+    if request.param == "cluster":
+        c = request.getfixturevalue("cluster")
+        store, woken = make(c.url, cluster=True)
+    else:
+        store, woken = make(f"{redis_server.url}/0")
+    yield store, woken
+    store.close()
+
+
+def token(run: str, ticket: str = "") -> str:
+    return json.dumps([run, "h1", 1, uuid.uuid4().hex[:8], ticket, "t", 0, []], separators=(",", ":"))
+
+
+def wait_token(run: str) -> str:
+    return json.dumps([run, "h1", 1, uuid.uuid4().hex[:8], ""], separators=(",", ":"))
+
+
+def slots_of(store: Store, key: str | None = None, queue: str | None = None) -> Any:
+    plan = plan_for(store.config, RunSpec("t", key=key,
+                                          queue=ConcurrencyQueue(queue) if queue else None))
+    assert plan is not None
+    return plan.slots
+
+
+def admit(store: Store, slots: Any, run: str, tok: str, ticket: str = "", home: str | None = None,
+          first_ms: int = 0) -> Any:
+    """As gate.admit does it: ask with "?", then give the message."""
+    kw: dict[str, Any] = dict(ticket=ticket, new_ticket=ticket or uuid.uuid4().hex[:16],
+                              order_ms=first_ms, home=home)
+    result = store.acquire(slots, run, tok, message="?", **kw)
+    if result.status == "needs_message":
+        result = store.acquire(slots, run, tok, message=json.dumps({"run": run}), **kw)
+    return result
+
+
+def expire(store: Store, tag: str, who: str) -> None:
+    """``who``'s unit on ``tag`` runs out now (its lease, or its claim window)."""
+    store.client.zadd(Names.redis_key(tag, UNITS), {who: 1}, xx=True)
+
+
+def test_a_lapsed_hold_is_handed_on_at_once_so_no_fresh_run_passes_the_line(
+        redis_server: RedisServer) -> None:
+    """I1: a probe pruned the last, lapsed hold of a slot with a line and did not refill it;
+    the units key vanished and the next call was admitted by SET NX, ahead of the line."""
+    store, woken = make(f"{redis_server.url}/0")
+    s = slots_of(store, key="k")
+    assert admit(store, s, "A", token("A")).ok
+    assert admit(store, s, "B", token("B")).parked
+    expire(store, s[0].tag, "A")  # A stalls past its lease
+    late = admit(store, s, "C", token("C"))
+    assert not late.ok, "a fresh run passed the line"
+    assert [w.tag for w in woken] == [s[0].tag], "the first in line was not woken"
+
+
+def test_a_copy_of_a_woken_run_expires_before_the_memo_of_its_stay(redis_server: RedisServer) -> None:
+    """L2: a copy of a woken run that sat in the broker longer than the memo's life ran a
+    finished run again. Copies now expire after ckeys_handoff_copy_ttl, the memo lives that
+    long, and re-wakes back off."""
+    from celery import Celery
+
+    from celery_ckeys.handoff import publish
+
+    store, woken = make(f"{redis_server.url}/0", ckeys_handoff_copy_ttl=120)
+    s = slots_of(store, key="k")
+    ta = token("A")
+    assert admit(store, s, "A", ta).ok
+    assert admit(store, s, "B", token("B")).parked
+    store.release(s, "A", ta)
+    first = store.read_slot(s[0].tag).units[0][1]
+    expire(store, s[0].tag, "B")  # its claim window passes: woken again, with a longer one
+    store.sweep(s[0])
+    state = store.read_slot(s[0].tag)
+    assert len(woken) == 2 and woken[0].ticket == woken[1].ticket
+    assert state.units[0][1] - state.now_ms > (first - state.now_ms) + 4000, "no back-off"
+    tb = token("B", woken[1].ticket)
+    assert admit(store, s, "B", tb, ticket=woken[1].ticket, home=woken[1].tag).ok
+    store.release(s, "B", tb, woken[1].ticket)
+    memo = Names.redis_key(s[0].tag, "x:B")
+    assert 110_000 < store.client.pttl(memo) <= 120_000
+    # every woken copy carries an expires no later than that life, and says it is ours
+    sent: list[dict[str, Any]] = []
+    app = Celery("rev", set_as_current=False)
+    app.conf.update(ckeys_redis_url=store.config.redis_url, ckeys_handoff_copy_ttl=120)
+    app.send_task = lambda name, args, kwargs, **options: sent.append(options)  # type: ignore[method-assign]
+    message = json.dumps({"task": "t", "sig": {"task": "t", "args": [], "kwargs": {},
+                                              "options": {"headers": {}}}})
+    soon = "2000-01-01T00:00:00+00:00"
+    later = json.dumps({"task": "t", "sig": {"task": "t", "args": [], "kwargs": {},
+                                            "options": {"headers": {}, "expires": soon}}})
+    publish(app, [Wake("tag", "R", message), Wake("tag", "R", later)])
+    left = (sent[0]["expires"] - datetime.now(timezone.utc)).total_seconds()
+    assert 110 < left <= 120 and sent[0]["headers"]["ckeys_ticket"] == ["R", "tag", 1]
+    assert sent[1]["expires"] == soon and sent[1]["headers"]["ckeys_ticket"] == ["R", "tag", 0]
+
+
+def test_a_woken_run_keeps_its_home_unit_while_asked_for_its_message(
+        stores: tuple[Store, list[Wake]]) -> None:
+    """5.1 under Cluster: a woken run that claimed its home, then met a later full slot, was
+    asked for its message and gave its home back; two woken runs handed it back and forth."""
+    store, woken = stores
+    both = slots_of(store, key="k", queue="q")  # q unlimited: [q[k] (1), key k]
+    tw = token("W")
+    assert admit(store, both, "W", tw).ok
+    assert admit(store, both, "X", token("X"), first_ms=1000).parked
+    assert admit(store, both, "Y", token("Y"), first_ms=2000).parked
+    store.release(both, "W", tw)  # wakes X at q[k]
+    assert admit(store, slots_of(store, key="k"), "Z", token("Z")).ok  # Z holds key k
+    (wake,) = woken
+    again = admit(store, both, "X", token("X", wake.ticket), ticket=wake.ticket, home=wake.tag)
+    assert again.parked and again.blocked is not None and again.blocked.kind == "key"
+    home = store.read_slot(both[0].tag)
+    assert home.info.get("X", "").startswith("@h"), "X did not keep its home unit"
+    assert len(woken) == 1, "the home unit went to the next run and back"
+
+
+def test_two_resuming_runs_never_wait_on_each_other(stores: tuple[Store, list[Wake]]) -> None:
+    """5.1 under Cluster: a resuming run blocked on its first slot stayed first in the resume
+    order of its second, got it reserved, and two runs each held what the other needed."""
+    store, _ = stores
+    both = slots_of(store, key="k", queue="q")
+    key_only = slots_of(store, key="k")
+    ty = token("Y")
+    taken_y = store.acquire(both, "Y", ty).taken
+    wy = wait_token("Y")
+    store.step_out(taken_y, "Y", ty, wy)  # Y waits on q[k] and key k
+    store.set_queue_limit("q", 1)
+    tx = token("X")
+    taken_x = store.acquire(both, "X", tx).taken
+    wx = wait_token("X")
+    store.step_out(taken_x, "X", tx, wx)  # X waits on q[k] only
+    tw = token("W")
+    taken_w = store.acquire(both, "W", tw).taken
+    store.set_queue_limit("q", None)  # the key mutex is needed again
+    tz = token("Z")
+    assert store.acquire(key_only, "Z", tz).ok
+    store.ready(taken_x, "X", wx)
+    store.ready(taken_y, "Y", wy)
+    store.release(taken_w, "W", tw)
+    done: set[str] = set()
+    for attempt in range(4):
+        for who, wt in (("X", wx), ("Y", wy)):
+            if who not in done and store.acquire(both, who, token(who), mode="resume",
+                                                 ticket=wt).ok:
+                done.add(who)
+                store.release(both, who, "")  # (it ends later; what matters is it resumed)
+        if attempt == 0:
+            store.release(key_only, "Z", tz)
+    assert done, "both resuming runs wait on each other"
+
+
+def test_a_dead_waiters_place_in_a_resume_order_is_swept(redis_server: RedisServer) -> None:
+    """B1: a resume order entry kept a slot's keys for ever (never indexed for a sweep) once
+    the waiter's whole host died."""
+    store, _ = make(f"{redis_server.url}/0")
+    s = slots_of(store, key="k")
+    tx = token("X")
+    assert store.acquire(s, "X", tx).ok
+    wx = wait_token("X")
+    store.step_out(s, "X", tx, wx)
+    tz = token("Z")
+    assert store.acquire(s, "Z", tz).ok
+    store.ready(s, "X", wx)  # k is full: X joins the resume order
+    assert s[0].tag in [t for t, _ in store.client.zrange(store.names.index_key(), 0, -1,
+                                                          withscores=True)
+                        for t in [t.decode()]], "the slot is not in the sweep index"
+    # the host of X and Z dies: their leases run out, and the sweeper goes by
+    client = store.client
+    expire(store, s[0].tag, "Z")
+    client.zadd(Names.redis_key(s[0].tag, "w"), {"X": 1}, xx=True)
+    store.sweep(s[0])
+    assert store.scan_tags() == {}, f"left behind: {store.scan_tags()}"
+
+
+def test_a_re_wake_never_creates_a_unit_above_a_lowered_limit(redis_server: RedisServer) -> None:
+    """S1: a woken run not claimed in time was woken again with a new unit although the
+    limit had been lowered meanwhile and the slot was full under it."""
+    store, woken = make(f"{redis_server.url}/0")
+    store.set_queue_limit("q", 2)
+    s = slots_of(store, queue="q")
+    t1, t2 = token("H1"), token("H2")
+    assert store.acquire(s, "H1", t1).ok and store.acquire(s, "H2", t2).ok
+    assert admit(store, s, "B", token("B")).parked
+    store.release(s, "H2", t2)  # wakes B
+    store.set_queue_limit("q", 1)
+    expire(store, s[0].tag, "B")  # B's copy does not arrive in time
+    store.sweep(s[0])
+    state = store.read_slot(s[0].tag)
+    assert [t for t, e in state.units if e > state.now_ms] == ["H1"]
+    assert [t for t, _ in state.line] == ["B"], "B did not go back to the head of its line"
+    store.release(s, "H1", t1)
+    assert woken[-1].tag == s[0].tag and json.loads(woken[-1].message)["run"] == "B"
