@@ -40,9 +40,16 @@ _SOURCES: dict[str, str] = {}
 
 
 def script_source(name: str) -> str:
-    """A script as Redis runs it: the shared library, then the script's own body."""
+    """A script as Redis runs it: its fast path (the block between ``--- @fast`` and
+    ``--- @end``), the shared library, then the rest of the script. Hoisting the fast path
+    spares the common case the cost of defining the library's helpers on every call."""
     if name not in _SOURCES:
-        _SOURCES[name] = _read_lua("lib") + "\n" + _read_lua(name)
+        body, fast = _read_lua(name), ""
+        if "--- @fast\n" in body:
+            head, rest = body.split("--- @fast\n", 1)
+            fast, tail = rest.split("--- @end\n", 1)
+            body = head + tail
+        _SOURCES[name] = fast + _read_lua("lib") + "\n" + body
     return _SOURCES[name]
 
 
@@ -331,9 +338,11 @@ class Store:
         woken copy comes from (one call sees every slot; ClusterStore needs it).
         """
         keys, specs, index_at = self._keys(slots, who)
+        fast = mode == "run" and not ticket and len(specs) == 1 and specs[0][0] == "="
         reply = self.call("acquire", keys, [
-            who, token, mode, ticket, new_ticket, message, order_ms, self._lease, self._window,
-            self._countdown, self.config.deferral_memory_ms, primary, index_at, len(slots), *specs])
+            who, token, self._lease, "1" if fast else "0", mode, ticket, new_ticket, message,
+            order_ms, f"{self._window},{self._countdown},{self.config.deferral_memory_ms},"
+                      f"{primary},{index_at}", len(slots), *specs])
         return self._acquired(reply, slots)
 
     def _acquired(self, reply: Any, slots: Sequence[Slot]) -> AcquireResult:
@@ -354,11 +363,13 @@ class Store:
         if not slots:
             return 0
         keys, specs, index_at = self._keys(slots, who)
-        reply = self.call("release", keys, [
-            mode, who, token, ticket, self._lease, self._window, self.config.copy_ttl_ms, 0,
-            index_at, len(slots), *specs])
+        reply = self.call("release", keys, [mode, who, token, ticket,
+                                            self._release_numbers(index_at), len(slots), *specs])
         self._wakes(reply[1], slots)
         return int(reply[0])
+
+    def _release_numbers(self, index_at: int) -> str:
+        return f"{self._lease},{self._window},{self.config.copy_ttl_ms},{index_at}"
 
     def release(self, slots: Sequence[Slot], who: str, token: str, ticket: str = "") -> int:
         """The run's own end: free its units (token ``token``); a ticketed run leaves a memo."""
@@ -380,9 +391,8 @@ class Store:
         calls = []
         for slots, who, token, ticket in runs:
             keys, specs, index_at = self._keys(slots, who)
-            calls.append(("release", keys, ["normal", who, token, ticket, self._lease,
-                                            self._window, self.config.copy_ttl_ms, 0, index_at,
-                                            len(slots), *specs]))
+            calls.append(("release", keys, ["normal", who, token, ticket,
+                                            self._release_numbers(index_at), len(slots), *specs]))
         for (slots, *_), reply in zip(runs, self.pipeline(calls)):
             self._wakes(reply[1], slots)
 

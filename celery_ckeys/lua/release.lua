@@ -1,7 +1,7 @@
 -- release.lua: give back what one run holds. docs/protocol.md section 6.2.
 --
 -- KEYS  as acquire.lua: nine role keys per slot, the n memo keys, the conf keys the specs
---       name, the sweep index (ARGV[9] gives its position; 0 under Cluster).
+--       name, the sweep index (its position is in ARGV[5]; 0 under Cluster).
 -- ARGV  1 mode: "normal" (the run's own end), "lost" (its pool process is gone),
 --         "forfeit" (Celery discarded this copy: revoked, expired, unknown task), "unclaim"
 --         (Redis Cluster: a copy gives back the unit woken for its ticket on a slot it does
@@ -13,41 +13,45 @@
 --       3 normal: the hold token; lost: the token prefix [task id, host, pid, naming the
 --         dead process; forfeit: unused
 --       4 ticket: normal and forfeit write the memo "done:"..ticket when it is not ""
---       5 lease ms   6 claim window ms   7 memo life ms (how long a copy of a woken run
---       may live: ckeys_handoff_copy_ttl)   8 unused   9 index key position
---       10 n   11.. one limit spec per slot (to refill with the limit resolved now)
+--       5 "lease ms,claim window ms,memo life ms,index position" (the memo lives as long as
+--         a copy of a woken run may: ckeys_handoff_copy_ttl)
+--       6 n   7.. one limit spec per slot (to refill with the limit resolved now)
 -- Returns {released, wakes}: how many units were freed (a lease that had run out frees
 -- nothing, so releasing twice frees nothing the second time), then the wakes to publish.
 
-local mode, who, token, ticket = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local lease, window, memo = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local idx = ARGV[9] ~= "0" and KEYS[tonumber(ARGV[9])] or ""
-N = tonumber(ARGV[10])
-local SPECS = 11
-local released = 0
-
--- Fast path: the run's own end on a simple slot.
-if mode == "normal" and N == 1 then
-  local v = redis.pcall("GETDEL", key(1, H))
-  if v == token then
-    if ticket ~= "" then
-      redis.call("SET", memo_key(1), "done:" .. ticket, "PX", memo)
+--- @fast
+-- the run's own end on a simple slot: one GETDEL
+if ARGV[1] == "normal" and ARGV[6] == "1" then
+  local v = redis.pcall("GETDEL", KEYS[1])
+  local memo = string.match(ARGV[5], "^%d+,%d+,(%d+),")
+  if v == ARGV[3] then
+    if ARGV[4] ~= "" then
+      redis.call("SET", KEYS[10], "done:" .. ARGV[4], "PX", memo)
     end
     return {1, {}}
   end
   if type(v) == "string" then
     -- not ours (our lease ran out and another run took it): put it back untouched
-    redis.call("SET", key(1, H), v, "PX", lease)
+    redis.call("SET", KEYS[1], v, "PX", string.match(ARGV[5], "^(%d+),"))
     v = false
   end
   if v == false then
-    if ticket ~= "" then
-      redis.call("SET", memo_key(1), "done:" .. ticket, "PX", memo)
+    if ARGV[4] ~= "" then
+      redis.call("SET", KEYS[10], "done:" .. ARGV[4], "PX", memo)
     end
     return {0, {}}
   end
   -- a WRONGTYPE error: the slot is full; go the long way
 end
+--- @end
+
+local mode, who, token, ticket = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local lease, window, memo, at = string.match(ARGV[5], "^(%d+),(%d+),(%d+),(%d+)$")
+lease, window, memo = tonumber(lease), tonumber(window), tonumber(memo)
+local idx = at ~= "0" and KEYS[tonumber(at)] or ""
+N = tonumber(ARGV[6])
+local SPECS = 7
+local released = 0
 
 now_ms()
 resolve_all(N, SPECS, false)
