@@ -184,6 +184,8 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan = plan_of(task, headers, args, kwargs)
         if plan is not None:
             admit(task, request, store, plan, headers)
+        else:
+            leave_home(task, request, store, headers)
         result = task.run(*args, **kwargs)
         final = True
         return result
@@ -199,6 +201,22 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         active = _active.get(request.id)  # after wait_for, it holds with a new token
         if active is not None:
             release(task, active.holding, reason="finished")
+
+
+def leave_home(task: Any, request: Any, store: Store, headers: dict[str, Any]) -> None:
+    """A copy woken from a line whose run needs no slot any more (the limits that made it
+    wait are gone) gives back the unit woken for it before it runs: left there, it would be
+    woken again, and run again, every claim window."""
+    ticket, home = ticket_of(headers)
+    slot = slot_for_tag(store.config, store.names, home) if ticket and home else None
+    if slot is None:
+        return
+    try:
+        store.unclaim([replace(slot, home_only=True)], request.id, ticket)
+    except CoordinationUnavailable as exc:
+        defer_log.error("run %s of %s deferred: %s", request.id, task.name, describe(exc))
+        defer(task, request, store.config, blocked_by="(coordination Redis)", holder="",
+              reason="unavailable")
 
 
 def _parent_may_resume(store: Store, headers: dict[str, Any]) -> None:

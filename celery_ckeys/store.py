@@ -383,6 +383,11 @@ class Store:
         """Celery discarded this copy: its woken reservation and parked entry go."""
         return self._release("forfeit", slots, who, "", ticket)
 
+    def unclaim(self, slots: Sequence[Slot], who: str, ticket: str) -> int:
+        """A copy gives back the unit woken (or kept) for its ticket on slots its plan does
+        not need: mark them ``home_only``."""
+        return self._release("unclaim", slots, who, "", ticket)
+
     def release_many(self, runs: Sequence[tuple[Sequence[Slot], str, str, str]]) -> None:
         """Normal releases of several runs ``(slots, who, token, ticket)`` in one round trip."""
         if len(runs) == 1:

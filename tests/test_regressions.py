@@ -234,3 +234,84 @@ def test_a_re_wake_never_creates_a_unit_above_a_lowered_limit(redis_server: Redi
     assert [t for t, _ in state.line] == ["B"], "B did not go back to the head of its line"
     store.release(s, "H1", t1)
     assert woken[-1].tag == s[0].tag and json.loads(woken[-1].message)["run"] == "B"
+
+
+# -- a second review ----------------------------------------------------------------------
+
+
+def test_a_copy_with_the_ticket_of_a_dead_hold_is_deferred_not_dropped(
+        stores: tuple[Store, list[Wake]]) -> None:
+    """L2: a redelivered copy of a woken run met the hold of its own stay and was dropped as
+    a duplicate; the hold's process was dead, so the unit went without a memo and the run was
+    nowhere. A hold proves only that a stay started: the copy is now busy, and runs later."""
+    from celery_ckeys.store import token_prefix
+
+    store, woken = stores
+    s = slots_of(store, key="k")
+    ta = token("A")
+    assert admit(store, s, "A", ta).ok
+    assert admit(store, s, "X", token("X")).parked
+    store.release(s, "A", ta)
+    (wake,) = woken
+    assert admit(store, s, "X", token("X", wake.ticket), ticket=wake.ticket, home=wake.tag).ok
+    # X's worker dies; the broker redelivers the same message (same ticket) at once
+    again = admit(store, s, "X", token("X", wake.ticket), ticket=wake.ticket, home=wake.tag)
+    assert again.status == "blocked" and not again.parked, "the copy was dropped"
+    store.release_lost(s, "X", token_prefix("X", "h1", 1))
+    assert admit(store, s, "X", token("X", wake.ticket), ticket=wake.ticket, home=wake.tag).ok, \
+        "the run of the dead process never ran again"
+
+
+def test_renewing_a_hold_leaves_a_slot_with_a_woken_run_persistent(redis_server: RedisServer) -> None:
+    """I1: renew gave the units key of a slot with a woken run a TTL; when the renewing
+    holder's host died, the key expired with the woken reservation in it and nothing woke
+    the run again."""
+    store, woken = make(f"{redis_server.url}/0")
+    store.set_queue_limit("q", 2)
+    s = slots_of(store, queue="q")
+    ta, tb = token("A"), token("B")
+    assert store.acquire(s, "A", ta).ok and store.acquire(s, "B", tb).ok
+    assert admit(store, s, "X", token("X")).parked
+    store.release(s, "A", ta)
+    assert len(woken) == 1
+    assert store.renew_many([(s, "B", tb, "hold")]) == [1]
+    for role in (UNITS, "i"):
+        assert store.client.pttl(Names.redis_key(s[0].tag, role)) == -1, \
+            f"renew put a TTL on the {role} key of a slot with a woken run"
+
+
+def test_a_woken_copy_whose_run_needs_no_slot_any_more_gives_its_unit_back(
+        redis_server: RedisServer) -> None:
+    """S3: a woken run whose plan became empty (the environment limit was removed) ran
+    without calling the gate's admission, so its woken unit was woken again, and the run ran
+    again, every claim window."""
+    from types import SimpleNamespace
+
+    from celery_ckeys.gate import leave_home
+    from celery_ckeys.publish import HEADER_TICKET
+
+    old, woken = make(f"{redis_server.url}/0", ckeys_environment_limit=1,
+                      ckeys_burst_factor=1.0)
+    plan = plan_for(old.config, RunSpec("t"))
+    assert plan is not None
+    s = plan.slots
+    ta = token("A")
+    assert old.acquire(s, "A", ta).ok
+    assert admit(old, s, "X", token("X")).parked
+    old.release(s, "A", ta)
+    (wake,) = woken
+    rewoken: list[Wake] = []
+    new = Store(from_conf({"ckeys_redis_url": f"{redis_server.url}/0"},
+                          default_namespace=old.config.namespace))
+    new.on_wakes = rewoken.extend
+    assert plan_for(new.config, RunSpec("t")) is None
+    leave_home(SimpleNamespace(name="t"), SimpleNamespace(id="X"), new,
+               {HEADER_TICKET: [wake.ticket, wake.tag, 1]})
+    home = next(slot for slot in s if slot.tag == wake.tag)
+    new.sweep(home)
+    assert rewoken == [], "the run was woken again"
+    assert not store_keys(new, wake.tag), "the line kept state"
+
+
+def store_keys(store: Store, tag: str) -> list[str]:
+    return [k for k in store.client.scan_iter(match=f"ckeys:{{{tag}}}:*")]

@@ -77,14 +77,6 @@ local function some_holder(j)
   return redis.call("ZRANGEBYSCORE", key(j, H), 0, "+inf", "LIMIT", 0, 1)[1] or ""
 end
 
-local function ticket_of(token)
-  local ok, parts = pcall(cjson.decode, token)
-  if ok and type(parts) == "table" and type(parts[5]) == "string" then
-    return parts[5]
-  end
-  return ""
-end
-
 local function starts_with(s, prefix)
   return string.sub(s, 1, #prefix) == prefix
 end
@@ -365,19 +357,15 @@ end
 
 -- What a copy of `who`, carrying `ticket` ("" for none), finds on slot j
 -- (docs/protocol.md section 5): "dup", "busy", "claim", "parked" or "fresh".
+-- Only the memo proves that a stay ran: a hold or a wait with this very ticket proves only
+-- that it started, and its process may be dead (the unit then goes without a memo), so a
+-- copy that meets one is "busy": deferred, then dropped by the memo or run after all.
 local function classify(j, who, ticket)
   local info = redis.call("HGET", key(j, I), who)
   if info and not starts_with(info, "@") then
-    if ticket ~= "" and ticket_of(info) == ticket then
-      return "dup"
-    end
     return "busy"
   end
-  local waiting = redis.call("HGET", key(j, V), who)
-  if waiting then
-    if ticket ~= "" and ticket_of(waiting) == ticket then
-      return "dup"
-    end
+  if redis.call("HEXISTS", key(j, V), who) == 1 then
     return "busy"
   end
   if ticket ~= "" and redis.call("GET", memo_key(j)) == "done:" .. ticket then

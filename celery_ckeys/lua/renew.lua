@@ -24,8 +24,10 @@ for j = 1, N do
     elseif redis.call("HGET", key(j, I), who) == token
         and tonumber(redis.call("ZSCORE", h, who) or "0") > NOW then
       redis.call("ZADD", h, "XX", NOW + lease, who)
-      extend(h, lease)
-      extend(key(j, I), lease)
+      if redis.call("PTTL", h) >= 0 then -- no TTL: kept for a line, resuming or woken runs (I1)
+        extend(h, lease)
+        extend(key(j, I), lease)
+      end
       renewed = renewed + 1
     end
   elseif redis.call("HGET", key(j, V), who) == token then
