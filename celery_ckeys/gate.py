@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from celery.app.task import Context
 from celery.exceptions import Ignore, Reject, Retry
@@ -67,6 +67,22 @@ class ActiveRun:
 
 
 _active: dict[str, ActiveRun] = {}
+
+#: Observers of the windows in which a run holds its slots, called in the run's own thread
+#: as ``observer(event, task, token)``: ``"hold"`` right after it took them (its body runs
+#: next, or resumes after ``wait_for``), ``"pause"`` right before it steps out to wait and
+#: ``"end"`` right before it gives them back. While coordination holds, two windows of one
+#: slot never overlap. The test recorder (``celery_ckeys.contrib.pytest``) uses it.
+HoldObserver = Callable[[str, Any, str], None]
+hold_observers: list[HoldObserver] = []
+
+
+def observe(event: str, task: Any, token: str) -> None:
+    for observer in list(hold_observers):
+        try:
+            observer(event, task, token)
+        except Exception:  # an observer never changes how a run ends
+            release_log.exception("hold observer %r failed", observer)
 
 
 def active_run(task_id: str) -> Optional[ActiveRun]:
@@ -287,6 +303,8 @@ def hold(task: Any, request: Any, store: Store, plan: Plan, token: str, ticket: 
     if result.taken and type(request) is Context:
         request.__class__ = FencedContext  # ckeys_fence is read from Redis only if asked for
     request.ckeys_slots = [slot.label for slot in result.taken]
+    if hold_observers:
+        observe("hold", task, token)
     if acquire_log.isEnabledFor(logging.DEBUG):
         acquire_log.debug("run %s of %s acquired %s", request.id, task.name,
                           ", ".join(s.label for s in result.taken))
@@ -393,6 +411,8 @@ def release(task: Any, holding: Holding, *, reason: str) -> None:
     """
     if holding.pid != os.getpid():
         return  # a process forked by the task body: the units are its parent's
+    if hold_observers:
+        observe("end", task, holding.token)
     heartbeat.remove(holding)
     _active.pop(holding.owner, None)
     if not holding.slots:

@@ -143,6 +143,8 @@ class _Wait:
         if self.active is None or not self.active.holding.slots:
             return None
         holding = self.active.holding
+        if gate.hold_observers:
+            gate.observe("pause", self.task, holding.token)
         wait_token = json.dumps([self.request.id, self.request.hostname or "", os.getpid(),
                                  uuid.uuid4().hex[:12], holding.ticket], separators=(",", ":"))
         heartbeat.remove(holding)

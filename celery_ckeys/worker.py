@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 from celery.signals import (
@@ -20,6 +22,7 @@ from celery.signals import (
     task_rejected,
     task_revoked,
     task_unknown,
+    worker_init,
     worker_ready,
     worker_shutdown,
 )
@@ -101,7 +104,8 @@ def _worker_info(consumer: Any) -> dict[str, Any]:
 
 
 @worker_ready.connect(weak=False, dispatch_uid="celery_ckeys.worker_registry")
-def _start_registry(sender: Any = None, **_: Any) -> None:
+def _start_registry(sender: Any = None, hostname: Optional[str] = None, **_: Any) -> None:
+    """``hostname``: the name its runs report as ``request.hostname`` (the node name)."""
     app = getattr(sender, "app", None)
     if app is None or not _has_keyed_tasks(app):
         return
@@ -109,7 +113,9 @@ def _start_registry(sender: Any = None, **_: Any) -> None:
     from .gate import store_of
 
     store = store_of(app)
-    hostname = sender.hostname
+    hostname = hostname or sender.hostname
+    if hostname in _registry_threads:
+        return
     stop = threading.Event()
     _registry_threads[hostname] = stop
 
@@ -142,9 +148,50 @@ def sweep(store: Any) -> None:
 
 @worker_shutdown.connect(weak=False, dispatch_uid="celery_ckeys.worker_registry_stop")
 def _stop_registry(sender: Any = None, **_: Any) -> None:
-    for hostname, stop in list(_registry_threads.items()):
-        stop.set()
-        _registry_threads.pop(hostname, None)
+    # only the worker that stops (several in-thread test workers can share a process)
+    hostname = getattr(sender, "hostname", None)
+    for name, stop in list(_registry_threads.items()):
+        if hostname is None or name == hostname:
+            stop.set()
+            _registry_threads.pop(name, None)
+
+
+# celery.contrib.testing's in-thread workers (pytest-celery's ``celery_session_worker`` and
+# ``start_worker``) never send ``worker_ready``: they announce themselves with signals of
+# their own, which this connects to once such a worker is created.
+
+@worker_init.connect(weak=False, dispatch_uid="celery_ckeys.embedded_worker")
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    testing = sys.modules.get("celery.contrib.testing.worker")
+    if testing is None or not isinstance(sender, testing.TestWorkController):
+        return
+    testing.test_worker_started.connect(_on_test_worker_started, weak=False,
+                                        dispatch_uid="celery_ckeys.embedded_worker_started")
+    testing.test_worker_stopped.connect(_on_test_worker_stopped, weak=False,
+                                        dispatch_uid="celery_ckeys.embedded_worker_stopped")
+
+
+def _run_hostname(app: Any) -> str:
+    """The ``request.hostname`` of runs in an in-thread worker: Celery sets it to the node
+    name only in workers started by ``celery worker``, else to the machine's name."""
+    from celery.app import trace
+
+    localized = getattr(trace, "_localized", None)
+    if getattr(app, "use_fast_trace_task", False) and localized and len(localized) == 3:
+        return str(localized[2])
+    from celery.utils.nodenames import gethostname
+
+    return str(gethostname())
+
+
+def _on_test_worker_started(sender: Any = None, consumer: Any = None, **_: Any) -> None:
+    if consumer is not None:
+        _start_registry(sender=consumer, hostname=_run_hostname(consumer.app))
+
+
+def _on_test_worker_stopped(sender: Any = None, worker: Any = None, **_: Any) -> None:
+    if worker is not None:
+        _stop_registry(sender=SimpleNamespace(hostname=_run_hostname(worker.app)))
 
 
 class _Reaper:

