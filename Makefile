@@ -7,13 +7,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint demo bench chaos clean
+.PHONY: help venv test lint demo bench bench-quick chaos clean
 
 help:
 	@echo "make demo   - run the example project's scenarios on an embedded Redis"
 	@echo "make test   - the test suite (real redis-server, real celery workers)"
 	@echo "make lint   - ruff and mypy"
 	@echo "make bench  - benchmarks against plain Celery and peer packages"
+	@echo "make bench-quick - the hot path's Redis cost, asserted (CI runs it)"
 	@echo "make chaos  - the long chaos run (CI runs a short one inside make test)"
 
 $(STAMP): pyproject.toml example_project/pyproject.toml
@@ -39,6 +40,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/run_all.py
+
+bench-quick: $(STAMP)
+	cd bench && ../$(BIN)/python serverside.py
 
 chaos: $(STAMP)
 	$(BIN)/python -m pytest tests/test_chaos.py -m chaos --chaos-runs=10000 --timeout=1800 -s

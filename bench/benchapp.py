@@ -13,15 +13,18 @@ import time
 import redis
 from celery import Celery
 
-from celery_ckeys import KeyedTask
+from celery_ckeys import ConcurrencyQueue, KeyedTask
 
 BROKER = os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/1")
-COORD = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0")
+# empty: coordination on the broker's own Redis (the default configuration)
+COORD = os.environ.get("BENCH_REDIS") or BROKER
+ENV_LIMIT = os.environ.get("BENCH_ENV_LIMIT")
 
-# results go to the broker's server, so the coordination server sees only celery_ckeys
+# results go to the broker's server, so a separate coordination server sees only celery_ckeys
 app = Celery("bench", broker=BROKER, backend=BROKER, set_as_current=False)
 app.conf.update(
-    ckeys_redis_url=COORD,
+    ckeys_redis_url=os.environ.get("BENCH_REDIS") or None,
+    ckeys_environment_limit=int(ENV_LIMIT) if ENV_LIMIT else None,
     ckeys_namespace=os.environ.get("BENCH_NS", "bench"),
     ckeys_deferral=os.environ.get("BENCH_DEFERRAL", "countdown"),
     ckeys_retry_countdown=float(os.environ.get("BENCH_COUNTDOWN", "10")),
@@ -45,6 +48,15 @@ def keyed(i: int) -> int:
     return i
 
 
+# a queue partitioned per key, with a limit that never binds: the multi-slot admission
+BENCH_QUEUE = ConcurrencyQueue("bench", limit=1_000_000)
+
+
+@app.task(name="bench.queued", base=KeyedTask, shared=False, concurrency_queue=BENCH_QUEUE)
+def queued(i: int) -> int:
+    return i
+
+
 @app.task(name="bench.timed", base=KeyedTask, shared=False)
 def timed(label: str, seconds: float) -> None:
     start = time.time()
@@ -52,8 +64,11 @@ def timed(label: str, seconds: float) -> None:
     _events.rpush(f"bench:events:{label}", f"{start} {time.time()}")
 
 
-try:  # peers, for benchmark (f); only present with the [bench] extra
+try:  # peers, for benchmark (b); only present with the [bench] extra
+    import celery_once.backends.redis as once_redis
     from celery_once import QueueOnce
+
+    once_redis.redis = None  # celery-once keeps one client per process: use this World's server
 
     @app.task(name="bench.once", base=QueueOnce, shared=False, once={"graceful": True})
     def once(i: int) -> int:
@@ -62,7 +77,10 @@ except ImportError:  # pragma: no cover
     once = None
 
 try:
+    import celery_singleton.backends as singleton_backends
     from celery_singleton import Singleton
+
+    singleton_backends._backend = None  # cached per process too
 
     @app.task(name="bench.singleton", base=Singleton, shared=False)
     def singleton(i: int) -> int:

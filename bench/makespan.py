@@ -14,10 +14,12 @@ from common import World
 
 
 def measure(mode: str, runs: int = 500, keys: int = 50, seconds: float = 0.1,
-            countdown: float = 10.0, workers: int = 2, concurrency: int = 4) -> dict[str, Any]:
+            countdown: float = 10.0, workers: int = 2, concurrency: int = 4,
+            shared: bool = True) -> dict[str, Any]:
     """``mode`` is a deferral mode, or ``"plain"``: the same runs without keys, which is
     Celery's own floor on this machine (every run still costs a delivery and a result)."""
-    world = World(BENCH_DEFERRAL="countdown" if mode == "plain" else mode, BENCH_COUNTDOWN=str(countdown))
+    world = World(shared=shared, BENCH_DEFERRAL="countdown" if mode == "plain" else mode,
+                  BENCH_COUNTDOWN=str(countdown))
     try:
         world.start_workers(count=workers, concurrency=concurrency)
         m = world.module

@@ -29,8 +29,8 @@ def cases(world: World) -> dict[str, Callable[[int, int], Any]]:
     return found
 
 
-def run(runs: int = 800, rounds: int = 5) -> dict[str, Any]:
-    world = World()
+def run(runs: int = 800, rounds: int = 5, shared: bool = True) -> dict[str, Any]:
+    world = World(shared=shared)
     try:
         world.start_workers(count=1, concurrency=2)
         todo = cases(world)
@@ -47,7 +47,8 @@ def run(runs: int = 800, rounds: int = 5) -> dict[str, Any]:
                 times[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         base = medians["plain Celery"]
-        return {"runs": runs, "rounds": rounds, "seconds": medians,
+        return {"layout": "shared" if shared else "separate", "runs": runs, "rounds": rounds,
+                "seconds": medians,
                 "ratio": {name: t / base for name, t in medians.items()}}
     finally:
         world.close()

@@ -1,0 +1,139 @@
+"""Redis server time and commands a keyed run adds to a plain run, uncontended.
+
+Read from INFO commandstats, which counts work done on the server and is not wall-clock
+noise: ``calls`` exactly, ``usec`` as the server's own time. Two layouts:
+
+* ``shared`` (the default configuration users run): one redis-server is the broker, the
+  result backend and the coordination Redis;
+* ``separate``: coordination on a redis-server of its own (the broker and the results on
+  another).
+
+Plain and keyed runs go through the same worker (one prefork worker, 2 processes), in
+alternating rounds. A keyed run's scripts count once: an EVALSHA's ``usec`` already includes
+the commands it runs, so those inner commands' own entries are left out of the time (they
+are counted in the commands, as commandstats counts them). Nothing else that celery_ckeys
+sends per run goes unnoticed: every other command's difference is added in.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import redis
+from common import World
+
+LUA = Path(__file__).parent.parent / "celery_ckeys" / "lua"
+
+
+def inner_commands() -> set[str]:
+    """Every command name a celery_ckeys script calls (from the .lua files themselves)."""
+    import re
+
+    names: set[str] = set()
+    for script in LUA.glob("*.lua"):
+        names.update(m.lower() for m in re.findall(r'redis\.p?call\("([A-Z]+)"', script.read_text()))
+    return names
+
+
+def snapshot(port: int) -> dict[str, tuple[int, int]]:
+    info = redis.Redis(port=port).info("commandstats")
+    return {k.replace("cmdstat_", ""): (int(v["calls"]), int(v["usec"])) for k, v in info.items()}
+
+
+Stats = dict[str, tuple[int, int]]
+
+
+def delta(before: Stats, after: Stats) -> Stats:
+    out = {}
+    for name, (calls, usec) in after.items():
+        c0, u0 = before.get(name, (0, 0))
+        if calls - c0:
+            out[name] = (calls - c0, usec - u0)
+    return out
+
+
+def measure(layout: str, runs: int = 1000, rounds: int = 3, environment: bool = False) -> dict[str, Any]:
+    world = World(shared=layout == "shared",
+                  **({"BENCH_ENV_LIMIT": "1000000"} if environment else {}))
+    try:
+        world.start_workers(count=1, concurrency=2)
+        m = world.module
+        ports = sorted({world.broker.port, world.coord.port})
+        inner = inner_commands()
+        task = m.queued if environment else m.keyed
+        cases = {"plain": lambda rnd, i: m.plain.apply_async((i,)),
+                 "keyed": lambda rnd, i: task.apply_async((i,), concurrency_key=f"r{rnd}:{i}")}
+        for publish in cases.values():  # warm-up: connections, script cache
+            for r in [publish(99, i) for i in range(50)]:
+                r.get(timeout=60)
+        per_run: dict[str, list[dict[str, tuple[int, int]]]] = {name: [] for name in cases}
+        for rnd in range(rounds):
+            for name, publish in cases.items():
+                before = {p: snapshot(p) for p in ports}
+                for r in [publish(rnd, i) for i in range(runs)]:
+                    r.get(timeout=300)
+                total: dict[str, tuple[int, int]] = {}
+                for p in ports:
+                    for cmd, (calls, usec) in delta(before[p], snapshot(p)).items():
+                        c0, u0 = total.get(cmd, (0, 0))
+                        total[cmd] = (c0 + calls, u0 + usec)
+                total.pop("info", None)
+                per_run[name].append(total)
+
+        def summary(name: str) -> dict[str, float]:
+            calls = [sum(c for c, _ in t.values()) / runs for t in per_run[name]]
+            usec = [sum(u for cmd, (_, u) in t.items() if name == "plain" or cmd not in inner
+                        or cmd in ("evalsha", "eval")) / runs for t in per_run[name]]
+            scripts = [sum(u for cmd, (_, u) in t.items() if cmd in ("evalsha", "eval")) / runs
+                       for t in per_run[name]]
+            trips = [sum(c for cmd, (c, _) in t.items() if cmd in ("evalsha", "eval")) / runs
+                     for t in per_run[name]]
+            return {"commands": statistics.median(calls), "usec": statistics.median(usec),
+                    "script_usec": statistics.median(scripts), "scripts": statistics.median(trips)}
+
+        plain, keyed = summary("plain"), summary("keyed")
+        last = per_run["keyed"][-1]
+        leftover = sum(1 for _ in redis.Redis(port=world.coord.port).scan_iter("ckeys:*")
+                       if not _.startswith((b"ckeys:{" + world.environ["BENCH_NS"].encode() + b"|workers",)))
+        return {"layout": layout, "environment": environment, "runs": runs, "rounds": rounds,
+                "plain": plain, "keyed": keyed,
+                "added_usec": keyed["usec"] - plain["usec"],
+                "added_commands": keyed["commands"] - plain["commands"],
+                "added_round_trips": keyed["scripts"] - plain["scripts"],
+                "keyed_breakdown": {cmd: (c / runs, u / runs) for cmd, (c, u) in sorted(last.items())},
+                "keys_left": leftover}
+    finally:
+        world.close()
+
+
+def quick() -> None:
+    """``make bench-quick``: the default configuration, asserting on counts Redis keeps
+    (commandstats), not on wall-clock time. Fails when the hot path regresses."""
+    key_only = measure("shared", runs=300, rounds=2)
+    both = measure("shared", runs=300, rounds=2, environment=True)
+    for r in (key_only, both):
+        print(f"{'partition + environment' if r['environment'] else 'key only':24s}"
+              f" +{r['added_usec']:.1f} us server time, +{r['added_commands']:.2f} commands,"
+              f" +{r['added_round_trips']:.2f} round trips, {r['keys_left']} keys left")
+    problems = []
+    if key_only["added_usec"] > 30:
+        problems.append(f"key only adds {key_only['added_usec']:.1f} us of server time (limit 30)")
+    if key_only["added_commands"] > 4.1:
+        problems.append(f"key only adds {key_only['added_commands']:.2f} commands (limit 4)")
+    if both["added_commands"] > 32:
+        problems.append(f"partition + environment adds {both['added_commands']:.2f} commands"
+                        " (31 when this check was written)")
+    for r in (key_only, both):
+        if r["added_round_trips"] > 2.01:
+            problems.append(f"{r['added_round_trips']:.2f} round trips per run (limit 2)")
+        if r["keys_left"]:
+            problems.append(f"{r['keys_left']} coordination keys left after the runs")
+    if problems:
+        raise SystemExit("bench-quick failed: " + "; ".join(problems))
+    print("bench-quick: ok")
+
+
+if __name__ == "__main__":
+    quick()
