@@ -311,9 +311,26 @@ def hold(task: Any, request: Any, store: Store, plan: Plan, token: str, ticket: 
     metrics.acquired(task, len(result.taken), waited)
     if signals.slots_acquired.receivers:
         signals.slots_acquired.send(sender=task, task_id=request.id, slots=request.ckeys_slots,
-                                    fence=request.ckeys_fence if result.taken else None,
+                                    fence=_fence_or_none(request, result),
                                     waited=round(waited, 3))
     return holding
+
+
+def _fence_or_none(request: Any, result: AcquireResult) -> Optional[int]:
+    """The fence for the ``slots_acquired`` signal, or None when it cannot be read now.
+
+    The run is admitted: its units are taken. A Redis blip at this instant must not turn
+    into the run's own exception (it would end FAILURE without its body ever running); the
+    body reading ``ckeys_fence`` itself still gets the error, since it is the one that
+    depends on the value.
+    """
+    if not result.taken:
+        return None
+    try:
+        return int(request.ckeys_fence)
+    except CkeysError as exc:
+        acquire_log.warning("run %s: no fence for slots_acquired (%s)", request.id, describe(exc))
+        return None
 
 
 class FencedContext(Context):  # type: ignore[misc]

@@ -10,7 +10,8 @@ Custom signals (connect to them as to any Celery signal)::
 ``slots_acquired``  sender=task; ``task_id``, ``slots`` (labels), ``fence``, ``waited``
     A run took every slot it needs (a key, a queue or partition slot, the environment)
     and its body is about to run; ``waited`` is the seconds since its first deferral (0
-    when it was never deferred). ``key_acquired`` is the same signal.
+    when it was never deferred); ``fence`` is ``None`` when the coordination Redis could
+    not be read at that instant (the run goes ahead). ``key_acquired`` is the same signal.
 ``run_deferred``    sender=task; ``task_id``, ``blocked_by`` (label of the full slot),
     ``holder`` (task id of a run holding it, or ``""``), ``countdown`` (seconds, or
     ``None`` when parked), ``reason`` (``"busy"`` or ``"unavailable"``)

@@ -79,7 +79,26 @@ def make_app(broker: str, backend: str, redis_url: str, namespace: str,
     app.conf.update(conf or {})
     probe = Probe(probe_url or redis_url, namespace)
     register(app, probe)
+    if app.conf.get("ckt_outage_after_hold"):
+        outage_after_first_hold(redis_url, app.conf.ckt_outage_after_hold)
     return app
+
+
+def outage_after_first_hold(redis_url: str, flag: str) -> None:
+    """Shut the coordination Redis down right after the first run took its units, before
+    anything else of the gate runs (``flag`` is a file: only the first hold does it)."""
+    from celery_ckeys import gate
+
+    def observer(event: str, task: Any, token: str) -> None:
+        if event != "hold" or os.path.exists(flag):
+            return
+        open(flag, "w").close()
+        try:
+            redis.Redis.from_url(redis_url).shutdown(nosave=True)
+        except redis.ConnectionError:
+            pass  # the server closes the connection as it goes
+
+    gate.hold_observers.append(observer)
 
 
 def register(app: Celery, probe: Probe) -> None:
