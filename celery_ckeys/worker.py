@@ -92,7 +92,24 @@ REGISTRY_REFRESH = 5.0
 SWEEP_INTERVAL = 1.0
 REGISTRY_LIFETIME_MS = 20_000
 
-_registry_threads: dict[str, threading.Event] = {}
+class _Registration:
+    """One host name's entry in the registry, and the thread that keeps it fresh. Several
+    in-thread test workers of one process share a host name (their runs report the machine's
+    name): the entry then lists what they consume and run together."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.members: dict[int, Any] = {}  # id(worker or consumer) -> its consumer
+        self.changed = True  # members came or went: register again at once
+
+    def info(self) -> dict[str, Any]:
+        parts = [_worker_info(c) for c in list(self.members.values())]
+        queues = sorted({q for part in parts for q in part["queues"]})
+        return {"queues": queues, "concurrency": sum(part["concurrency"] for part in parts),
+                "pool": parts[0]["pool"] if parts else ""}
+
+
+_registry: dict[str, _Registration] = {}
 
 
 def _worker_info(consumer: Any) -> dict[str, Any]:
@@ -104,8 +121,10 @@ def _worker_info(consumer: Any) -> dict[str, Any]:
 
 
 @worker_ready.connect(weak=False, dispatch_uid="celery_ckeys.worker_registry")
-def _start_registry(sender: Any = None, hostname: Optional[str] = None, **_: Any) -> None:
-    """``hostname``: the name its runs report as ``request.hostname`` (the node name)."""
+def _start_registry(sender: Any = None, hostname: Optional[str] = None, member: Any = None,
+                    **_: Any) -> None:
+    """``hostname``: the name its runs report as ``request.hostname`` (the node name);
+    ``member``: what stands for this worker when it stops (default: the consumer)."""
     app = getattr(sender, "app", None)
     if app is None or not _has_keyed_tasks(app):
         return
@@ -114,24 +133,28 @@ def _start_registry(sender: Any = None, hostname: Optional[str] = None, **_: Any
 
     store = store_of(app)
     hostname = hostname or sender.hostname
-    if hostname in _registry_threads:
+    registration = _registry.get(hostname)
+    if registration is not None:
+        registration.members[id(member if member is not None else sender)] = sender
+        registration.changed = True
         return
-    stop = threading.Event()
-    _registry_threads[hostname] = stop
+    registration = _registry[hostname] = _Registration()
+    registration.members[id(member if member is not None else sender)] = sender
 
     def loop() -> None:
         registered = 0.0
-        while not stop.is_set():
+        while not registration.stop.is_set():
             try:
-                if time.monotonic() - registered >= REGISTRY_REFRESH:
-                    store.register_worker(hostname, _worker_info(sender), REGISTRY_LIFETIME_MS)
+                if registration.changed or time.monotonic() - registered >= REGISTRY_REFRESH:
+                    registration.changed = False
+                    store.register_worker(hostname, registration.info(), REGISTRY_LIFETIME_MS)
                     registered = time.monotonic()
                 sweep(store)
             except CoordinationUnavailable:
                 pass
             except Exception:  # pragma: no cover - never kill the worker for this
                 logger.exception("celery_ckeys: background sweep failed")
-            stop.wait(SWEEP_INTERVAL)
+            registration.stop.wait(SWEEP_INTERVAL)
 
     threading.Thread(target=loop, name="ckeys-registry", daemon=True).start()
 
@@ -147,13 +170,19 @@ def sweep(store: Any) -> None:
 
 
 @worker_shutdown.connect(weak=False, dispatch_uid="celery_ckeys.worker_registry_stop")
-def _stop_registry(sender: Any = None, **_: Any) -> None:
-    # only the worker that stops (several in-thread test workers can share a process)
+def _stop_registry(sender: Any = None, member: Any = None, **_: Any) -> None:
+    """The worker ``sender`` stops (only ``member`` of its host name's entry, when given)."""
     hostname = getattr(sender, "hostname", None)
-    for name, stop in list(_registry_threads.items()):
-        if hostname is None or name == hostname:
-            stop.set()
-            _registry_threads.pop(name, None)
+    for name, registration in list(_registry.items()):
+        if hostname is not None and name != hostname:
+            continue
+        if member is not None:
+            registration.members.pop(id(member), None)
+            if registration.members:
+                registration.changed = True
+                continue  # another in-thread worker of this process still runs
+        registration.stop.set()
+        _registry.pop(name, None)
 
 
 # celery.contrib.testing's in-thread workers (pytest-celery's ``celery_session_worker`` and
@@ -184,14 +213,15 @@ def _run_hostname(app: Any) -> str:
     return str(gethostname())
 
 
-def _on_test_worker_started(sender: Any = None, consumer: Any = None, **_: Any) -> None:
+def _on_test_worker_started(sender: Any = None, worker: Any = None, consumer: Any = None,
+                            **_: Any) -> None:
     if consumer is not None:
-        _start_registry(sender=consumer, hostname=_run_hostname(consumer.app))
+        _start_registry(sender=consumer, hostname=_run_hostname(consumer.app), member=worker)
 
 
 def _on_test_worker_stopped(sender: Any = None, worker: Any = None, **_: Any) -> None:
     if worker is not None:
-        _stop_registry(sender=SimpleNamespace(hostname=_run_hostname(worker.app)))
+        _stop_registry(sender=SimpleNamespace(hostname=_run_hostname(worker.app)), member=worker)
 
 
 class _Reaper:

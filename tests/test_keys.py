@@ -6,7 +6,6 @@ import json
 from collections import defaultdict
 
 import pytest
-from celery import chain, group
 from conftest import Env, wait_until
 
 
@@ -35,80 +34,6 @@ def test_mutual_exclusion_under_load_on_two_workers(env: Env) -> None:
             open_runs[key] = event["id"]
         else:
             assert open_runs.pop(key) == event["id"]
-
-
-def test_every_way_of_enqueueing_carries_the_key_in_the_header(env: Env) -> None:
-    env.workers(count=1, concurrency=2)
-    app = env.app()
-    work = app.tasks["ckt.work"]
-    seen = {
-        "apply_async": work.apply_async((["a"],), concurrency_key="k:apply"),
-        "set": work.s(["b"]).set(concurrency_key="k:set").apply_async(),
-        "send_task_header": app.send_task("ckt.work", (["c"],), headers={"concurrency_key": "k:hdr"}),
-        "send_task_option": app.send_task("ckt.work", (["d"],), concurrency_key="k:opt"),
-    }
-    expected = {"apply_async": "k:apply", "set": "k:set", "send_task_header": "k:hdr",
-                "send_task_option": "k:opt"}
-    for form, result in seen.items():
-        out = result.get(timeout=30)
-        assert out["headers"]["concurrency_key"] == expected[form], form
-        assert out["slots"] == [f"key {expected[form]}"], form
-
-
-def test_group_children_keep_their_own_keys_or_take_the_groups(env: Env) -> None:
-    env.workers(count=1, concurrency=2)
-    work = env.app().tasks["ckt.work"]
-    own = group(work.s([f"g{i}"]).set(concurrency_key=f"g:{i}") for i in range(3)).apply_async()
-    assert sorted(o["headers"]["concurrency_key"] for o in own.get(timeout=30)) == ["g:0", "g:1", "g:2"]
-    shared = group(work.s([f"h{i}"]) for i in range(3)).apply_async(concurrency_key="g:all")
-    outs = shared.get(timeout=60)
-    assert {o["headers"]["concurrency_key"] for o in outs} == {"g:all"}
-    assert env.max("h0") + env.max("h1") + env.max("h2") == 3
-
-
-def test_chain_links_each_keep_their_own_key(env: Env) -> None:
-    env.workers(count=1, concurrency=2)
-    app = env.app()
-    plain = app.tasks["ckt.work"]
-    # each link ignores its parent's return value (immutable signatures)
-    flow = chain(plain.si(["c1"]).set(concurrency_key="chain:1"),
-                 plain.si(["c2"]).set(concurrency_key="chain:2"),
-                 plain.si(["c3"]))
-    last = flow.apply_async()
-    assert last.get(timeout=60)["headers"] in (None, {})  # the third link has no key
-    assert last.parent.get(timeout=5)["headers"]["concurrency_key"] == "chain:2"
-    assert last.parent.parent.get(timeout=5)["headers"]["concurrency_key"] == "chain:1"
-
-
-def test_default_key_from_a_template_over_the_arguments(env: Env) -> None:
-    env.workers(count=1, concurrency=3)
-    templated = env.app().tasks["ckt.templated"]
-    results = [templated.apply_async(("cid_1",), {"duration": 0.2}) for _ in range(3)]
-    results += [templated.apply_async(("cid_2",), {"duration": 0.2})]
-    outs = [r.get(timeout=60) for r in results]
-    assert outs[0]["headers"]["concurrency_key"] == "contact:cid_1"
-    assert outs[3]["headers"]["concurrency_key"] == "contact:cid_2"
-    assert env.max("contact:cid_1") == 1
-
-
-def test_default_key_from_a_callable(env: Env) -> None:
-    env.workers(count=1, concurrency=2)
-    by_callable = env.app().tasks["ckt.by_callable"]
-    out = by_callable.apply_async(("x", "y")).get(timeout=30)
-    assert out["headers"]["concurrency_key"] == "pair:x-y"
-
-
-def test_a_key_given_when_triggered_wins_over_the_default(env: Env) -> None:
-    env.workers(count=1, concurrency=2)
-    templated = env.app().tasks["ckt.templated"]
-    out = templated.apply_async(("cid_9",), concurrency_key="override").get(timeout=30)
-    assert out["slots"] == ["key override"]
-
-
-def test_default_key_is_computed_on_the_worker_for_send_task_by_name(env: Env) -> None:
-    env.workers(count=1, concurrency=2)
-    out = env.app().send_task("ckt.templated", ("cid_7",)).get(timeout=30)
-    assert out["slots"] == ["key contact:cid_7"]
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])
