@@ -72,7 +72,10 @@ _active: dict[str, ActiveRun] = {}
 #: as ``observer(event, task, token)``: ``"hold"`` right after it took them (its body runs
 #: next, or resumes after ``wait_for``), ``"pause"`` right before it steps out to wait and
 #: ``"end"`` right before it gives them back. While coordination holds, two windows of one
-#: slot never overlap. The test recorder (``celery_ckeys.contrib.pytest``) uses it.
+#: slot never overlap. When a pool process died under a run, the worker's main process
+#: calls ``observer("lost", task, prefix)`` once that process is gone, before its units are
+#: freed: ``prefix`` starts every token that process made for the run (``store.token_prefix``).
+#: The test recorder (``celery_ckeys.contrib.pytest``) uses it.
 HoldObserver = Callable[[str, Any, str], None]
 hold_observers: list[HoldObserver] = []
 
@@ -468,11 +471,14 @@ def release_lost(task: Any, task_id: str, hostname: str, pid: int, headers: dict
                  args: Any, kwargs: Any, exc_name: str) -> None:
     """Free what a pool process that is gone held or waited on, by the prefix of its tokens
     (task id, host, pid): a copy of the run elsewhere keeps what it holds."""
+    prefix = token_prefix(task_id, hostname, pid)
+    if hold_observers:
+        observe("lost", task, prefix)  # the process is gone: so is every window it had open
     store, slots = _plan_of_message(task, headers, args, kwargs)
     if store is None:
         return
     try:
-        freed = store.release_lost(slots, task_id, token_prefix(task_id, hostname, pid))
+        freed = store.release_lost(slots, task_id, prefix)
     except CoordinationUnavailable as err:
         release_log.error("could not free the slots of lost run %s (%s); they come free when"
                           " the lease (%gs) runs out", task_id, describe(err), store.config.lock_ttl)

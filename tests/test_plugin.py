@@ -249,6 +249,15 @@ def child(x):
 @shared_task(bind=True, base=KeyedTask)
 def parent(self, x):
     return self.wait_for(child.s(x), timeout=30)
+
+
+@shared_task(base=KeyedTask)
+def dies():
+    """Its pool process is SIGKILLed under it (OOM, a crash): nothing of the gate runs."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 '''
 
 SOLO_TEST = '''
@@ -260,7 +269,7 @@ import redis
 
 from celery_ckeys import WaitStarvation
 from celery_ckeys.contrib.pytest import wait_until
-from tasks import hold, nap, parent, quick
+from tasks import dies, hold, nap, parent, quick
 
 
 def test_real_workers_with_the_prefork_pool(celery_session_app, ckeys_workers, ckeys_recorder):
@@ -273,6 +282,21 @@ def test_real_workers_with_the_prefork_pool(celery_session_app, ckeys_workers, c
     assert os.getpid() not in {r.pid for r in runs}
     with open("worker_pids.json", "w") as f:
         json.dump([p.pid for p in workers.procs], f)
+
+
+def test_a_run_whose_process_dies_ends_when_the_worker_sees_it_gone(celery_session_app,
+                                                                  ckeys_workers, ckeys_recorder):
+    ckeys_workers("app", pool="prefork", concurrency=1, queues=["dying"])
+    result = dies.apply_async(concurrency_key="dies", queue="dying")
+    with pytest.raises(Exception, match="SIGKILL|WorkerLost|exited"):
+        result.get(timeout=60)
+    ended = wait_until(lambda: [r for r in ckeys_recorder.runs(key="dies") if r.ended], 30,
+                       message="the run's window to close")
+    assert ended[0].task_id == result.id and ended[0].ended >= ended[0].started
+    assert ckeys_recorder.peak(key="dies") == 1
+    after = nap.apply_async((0.0,), concurrency_key="dies", queue="dying")
+    assert after.get(timeout=60) == "slept"
+    assert [r.ended is not None for r in ckeys_recorder.runs(key="dies")] == [True, True]
 
 
 def test_solo_a_blocked_run_is_parked_and_comes_back(celery_session_worker, ckeys_workers,
@@ -300,7 +324,7 @@ def test_solo_in_thread_worker_handoff_and_prefork_workers(pytester: pytest.Pyte
     pytester.makeconftest(SOLO_CONFTEST + FACTS)
     pytester.makepyfile(app=SOLO_APP, tasks=SOLO_TASKS, test_solo=SOLO_TEST)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=200)
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)
     assert gone(facts(pytester)["server_pid"])
     worker_pids = json.loads((pytester.path / "worker_pids.json").read_text())
     assert worker_pids and all(gone(pid) for pid in worker_pids)

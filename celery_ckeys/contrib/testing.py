@@ -192,6 +192,8 @@ class _Sink:
     def on_hold(self, event: str, task: Any, token: str) -> None:
         if event == "hold":
             self.start(task, token, True)
+        elif event == "lost":  # in the worker's main process: token is a token prefix
+            self.emit({"ev": "lost", "prefix": token})
         else:
             self.emit({"ev": event, "tok": token, "id": task.request.id})
 
@@ -293,7 +295,8 @@ class RecordedRun:
     key: Optional[str]
     queue: Optional[str]
     started: float
-    #: when it ended, or ``None`` while it runs (or when its process died)
+    #: when it ended, or ``None`` while it runs; for a run whose pool process died under
+    #: it (SIGKILL, OOM, hard time limit), when the worker saw that process gone
     ended: Optional[float]
     pid: int
     hostname: str
@@ -364,6 +367,18 @@ class Recorder:
                 if _matches(run.info, key, queue):
                     current += 1
                     peak = max(peak, current)
+            elif kind == "lost" and isinstance(event.get("prefix"), str):
+                # the process died under these windows; it is gone now, so they are over
+                prefix = event["prefix"]
+                for lost in [t for t in open_windows if t.startswith(prefix)]:
+                    run = open_windows.pop(lost)
+                    if _matches(run.info, key, queue):
+                        current -= 1
+                    run.ended = float(event.get("t", 0.0))
+                for ident, run in list(paused.items()):
+                    if any(t.startswith(prefix) for t in run.windows):
+                        run.ended = float(event.get("t", 0.0))
+                        del paused[ident]
             elif kind in ("end", "pause") and isinstance(token, str):
                 run = open_windows.pop(token, None)
                 if run is None:
