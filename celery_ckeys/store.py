@@ -178,6 +178,20 @@ def token_prefix(task_id: str, host: str, pid: int) -> str:
     return json.dumps([task_id, host, pid], separators=(",", ":"))[:-1] + ","
 
 
+#: Clients a forked child inherited from its parent. They are never used, closed or
+#: collected in the child: another thread of the parent may have held their pool's lock at
+#: the instant of the fork (the main process sweeps while it forks pool processes), and
+#: redis-py's disconnect (run by ``__del__`` when a client is replaced) then waits for that
+#: lock, which nobody in the child will ever release.
+_inherited: list[Any] = []
+
+
+def abandon_inherited(client: Any) -> None:
+    """Keep ``client``, made by a parent process, out of this process's way for good."""
+    if client is not None:
+        _inherited.append(client)
+
+
 class Store:
     """Owns the Redis client of one config in one process, and every script call."""
 
@@ -200,6 +214,7 @@ class Store:
         if self._client is None or self._pid != os.getpid():
             with self._lock:
                 if self._client is None or self._pid != os.getpid():
+                    abandon_inherited(self._client)
                     self._client = make_client(self.config)
                     self._scripts = {}
                     self._pid = os.getpid()

@@ -378,3 +378,4 @@ def test_the_plugin_is_registered_as_ckeys_with_its_extra() -> None:
     assert any(ep.name == "ckeys" and ep.value == "celery_ckeys.contrib.pytest" for ep in group)
     requires = metadata.requires("celery-ckeys") or []
     assert any(r.startswith("pytest-celery") and 'extra == "pytest"' in r for r in requires)
+

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import threading
+import time
 import uuid
 from typing import Any, Iterator
 
@@ -222,3 +225,39 @@ def test_a_waiting_run_is_never_taken_for_idle(store: Store) -> None:
     copy = store.acquire(s, "p", token("p"))
     assert copy.status == "blocked", "a copy of a waiting run was admitted"
     assert take(store, s, "other")[0], "the waiting run kept its unit"
+
+
+@pytest.mark.parametrize("owner", ["store", "recorder"])
+def test_a_forked_child_never_waits_on_its_parents_client(redis_server: RedisServer, owner: str) -> None:
+    """A worker's main process uses Redis from background threads (the sweeper, the
+    recorder of lost runs) while it forks pool processes. A child that used, closed or let
+    go of the client it inherited waited on the pool lock such a thread held at the instant
+    of the fork (redis-py gives up after 5 s): the child's first run stalled."""
+    from celery_ckeys.contrib.testing import ProcessLocalRedis
+
+    if owner == "store":
+        store = make(redis_server.url, "single")
+        client: Any = lambda: store.client  # noqa: E731
+    else:
+        local = ProcessLocalRedis(f"{redis_server.url}/0")
+        client = lambda: local.client  # noqa: E731
+    assert client().ping()
+    held, done = threading.Event(), threading.Event()
+
+    def mid_command() -> None:  # another thread of the parent, inside the pool's lock
+        with client().connection_pool._fork_lock:
+            held.set()
+            done.wait(30)
+
+    threading.Thread(target=mid_command, daemon=True).start()
+    assert held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child reaches Redis with a client of its own, at once
+            began = time.monotonic()
+            ok = client().ping() and time.monotonic() - began < 2
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        done.set()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -22,6 +22,7 @@ from celery.exceptions import Ignore, Reject
 
 from celery_ckeys import ConcurrencyQueue, KeyedTask, wait_for
 from celery_ckeys import signals as ckeys_signals
+from celery_ckeys.contrib.testing import ProcessLocalRedis
 
 ENTER = """
 for i, label in ipairs(KEYS) do
@@ -43,10 +44,18 @@ return 1
 
 class Probe:
     def __init__(self, url: str, namespace: str) -> None:
-        self.client = redis.Redis.from_url(url)
+        self.redis = ProcessLocalRedis(url)  # the workers' main processes report too
         self.prefix = f"probe:{namespace}"
-        self._enter = self.client.register_script(ENTER)
-        self._exit = self.client.register_script(EXIT)
+
+    @property
+    def client(self) -> redis.Redis:
+        return self.redis.client
+
+    def _enter(self, keys: list[str], args: list[str]) -> None:
+        self.client.eval(ENTER, len(keys), *keys, *args)
+
+    def _exit(self, keys: list[str], args: list[str]) -> None:
+        self.client.eval(EXIT, len(keys), *keys, *args)
 
     @contextmanager
     def running(self, labels: list[str], task_id: str, extra: Optional[dict[str, Any]] = None
@@ -306,7 +315,7 @@ def register(app: Celery, probe: Probe) -> None:
         return sub.id
 
     # -- chaos: a journal that survives a coordination Redis restart ----------
-    journal = redis.Redis.from_url(os.environ.get("CKT_JOURNAL") or app.conf.broker_url)
+    journal = ProcessLocalRedis(os.environ.get("CKT_JOURNAL") or app.conf.broker_url)
 
     @task(bind=True, base=KeyedTask, name="ckt.chaos", autoretry_for=(KeyError,), max_retries=3,
           default_retry_delay=0.05)
@@ -315,10 +324,10 @@ def register(app: Celery, probe: Probe) -> None:
         Every execution journals its start and end; the end says whether it was final."""
         key = f"journal:{app.conf.ckeys_namespace}"
         info = {"id": self.request.id, "pid": os.getpid(), "labels": labels}
-        journal.rpush(key, json.dumps({"ev": "start", "t": time.time(), **info}))
+        journal.client.rpush(key, json.dumps({"ev": "start", "t": time.time(), **info}))
         time.sleep(duration)
         again = how in ("retry", "auto") and self.request.retries == 0
-        journal.rpush(key, json.dumps({"ev": "end", "t": time.time(), "final": not again, **info}))
+        journal.client.rpush(key, json.dumps({"ev": "end", "t": time.time(), "final": not again, **info}))
         if again and how == "retry":
             raise self.retry(countdown=0.05)
         if again:

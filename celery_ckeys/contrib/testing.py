@@ -38,11 +38,13 @@ import redis
 
 from ..embedded import RedisServer
 from ..naming import Names
+from ..store import abandon_inherited
 
 __all__ = [
     "ENV_REDIS_URL",
     "CeleryWorkers",
     "Deferral",
+    "ProcessLocalRedis",
     "RecordedRun",
     "Recorder",
     "SessionRedis",
@@ -165,6 +167,34 @@ def open_session_redis(server_args: Sequence[str] = (), *, url: Optional[str] = 
 
 # -- the recorder: writing --------------------------------------------------------------
 
+class ProcessLocalRedis:
+    """A Redis client of this process, made again in a forked child.
+
+    A client inherited through ``fork()`` must not be used, nor closed: if another thread of
+    the parent held its connection pool's lock at that instant (a worker's main process
+    records a lost run from a background thread while it forks a new pool process),
+    redis-py's fork check in the child waits for that lock (see ``store.abandon_inherited``).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pid = 0
+        self._client: Optional[redis.Redis] = None
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None or self._pid != os.getpid():
+            abandon_inherited(self._client)
+            self._client = redis.Redis.from_url(self.url)
+            self._pid = os.getpid()
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None and self._pid == os.getpid():
+            self._client.close()
+        self._client = None
+
+
 class _Sink:
     """Appends this process's events to the session's list, one RPUSH each (Redis orders
     them: an end recorded before a release precedes the start of the next holder)."""
@@ -172,14 +202,14 @@ class _Sink:
     def __init__(self, url: str, key: str) -> None:
         self.url = url
         self.key = key
-        self.client = redis.Redis.from_url(url)
+        self.redis = ProcessLocalRedis(url)
         self._plain: dict[tuple[str, int], str] = {}
         self._lock = threading.Lock()
 
     def emit(self, event: dict[str, Any]) -> None:
         event.setdefault("t", time.time())
         event.setdefault("pid", os.getpid())
-        self.client.rpush(self.key, json.dumps(event, separators=(",", ":"), default=str))
+        self.redis.client.rpush(self.key, json.dumps(event, separators=(",", ":"), default=str))
 
     def start(self, task: Any, token: str, coordinated: bool) -> None:
         key, queue = _identity(task)
@@ -281,7 +311,7 @@ def uninstall_recorder() -> None:
     task_prerun.disconnect(dispatch_uid="celery_ckeys.recorder.prerun")
     task_postrun.disconnect(dispatch_uid="celery_ckeys.recorder.postrun")
     signals.run_deferred.disconnect(dispatch_uid="celery_ckeys.recorder.deferred")
-    sink.client.close()
+    sink.redis.close()
 
 
 # -- the recorder: reading --------------------------------------------------------------
