@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -66,7 +67,14 @@ class ActiveRun:
     token: str
 
 
-_active: dict[str, ActiveRun] = {}
+#: By task id *and thread*: with the threads, gevent or eventlet pool two copies of one run
+#: can be in one process at once (a redelivery, a re-woken copy), and the one that is
+#: deferred must never find, and release, what the executing one holds.
+_active: dict[tuple[str, int], ActiveRun] = {}
+
+
+def _here(task_id: str) -> tuple[str, int]:
+    return task_id, threading.get_ident()
 
 #: Observers of the windows in which a run holds its slots, called in the run's own thread
 #: as ``observer(event, task, token)``: ``"hold"`` right after it took them (its body runs
@@ -89,7 +97,8 @@ def observe(event: str, task: Any, token: str) -> None:
 
 
 def active_run(task_id: str) -> Optional[ActiveRun]:
-    return _active.get(task_id)
+    """The run ``task_id`` executing in this thread (its delivery's units)."""
+    return _active.get(_here(task_id))
 
 
 def headers_of(request: Any) -> dict[str, Any]:
@@ -217,7 +226,7 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if final:
             # before this run's units go, so that what it frees goes to the waiting parent
             _parent_may_resume(store, headers)
-        active = _active.get(request.id)  # after wait_for, it holds with a new token
+        active = _active.get(_here(request.id))  # after wait_for, it holds with a new token
         if active is not None:
             release(task, active.holding, reason="finished")
 
@@ -302,7 +311,7 @@ def hold(task: Any, request: Any, store: Store, plan: Plan, token: str, ticket: 
     holding = Holding(store=store, owner=request.id, token=token, task_name=task.name,
                       slots=result.taken, ticket=ticket)
     heartbeat.add(holding)
-    _active[request.id] = ActiveRun(holding, plan, token)
+    _active[_here(request.id)] = ActiveRun(holding, plan, token)
     if result.taken and type(request) is Context:
         request.__class__ = FencedContext  # ckeys_fence is read from Redis only if asked for
     request.ckeys_slots = [slot.label for slot in result.taken]
@@ -348,7 +357,7 @@ class FencedContext(Context):  # type: ignore[misc]
         cached = self.__dict__.get("_ckeys_fence")
         if cached is not None:
             return int(cached)
-        active = _active.get(self.id)
+        active = _active.get(_here(self.id))
         if active is None or not active.holding.slots:
             raise CkeysError("this run holds no slot, so it has no fencing token", task_id=self.id)
         fence = active.holding.store.fence(active.holding.slots[0], self.id, active.token)
@@ -434,7 +443,9 @@ def release(task: Any, holding: Holding, *, reason: str) -> None:
     if hold_observers:
         observe("end", task, holding.token)
     heartbeat.remove(holding)
-    _active.pop(holding.owner, None)
+    here = _here(holding.owner)
+    if here in _active and _active[here].holding is holding:
+        del _active[here]
     if not holding.slots:
         return
 

@@ -251,3 +251,23 @@ def test_a_forked_child_never_releases_its_parents_key(env: Env) -> None:
     assert forker.get(timeout=30) == "parent done"
     forker_end = max(e["t"] for e in env.log() if e.get("ev") == "end" and e["id"] == forker.id)
     assert starts(env, follower.id)[0]["t"] >= forker_end
+
+
+# -- the second review (2026-12-01) -------------------------------------------------
+
+@pytest.mark.parametrize("pool", ["threads"])
+def test_a_second_copy_in_the_same_process_never_frees_the_running_copys_key(env: Env, pool: str) -> None:
+    """With the threads (or gevent, eventlet) pool, a second copy of a run that executes in
+    the same process (a redelivery, a re-woken copy) was deferred, and its gate's finally then
+    released the units of the copy still running: the next run of the key ran beside it."""
+    env.workers(count=1, concurrency=4, pool=pool)
+    work = env.app().tasks["ckt.work"]
+    first = work.apply_async((["dup-k"], 1.5), concurrency_key="dup-k")
+    wait_until(lambda: env.holders(env.names.key("dup-k")) == [first.id], 30, message="the first copy")
+    work.apply_async((["dup-k"], 1.5), concurrency_key="dup-k", task_id=first.id)  # a second copy
+    wait_until(lambda: env.events("signal") and any(
+        e.get("name") == "run_deferred" and e.get("task_id") == first.id for e in env.events("signal")),
+        30, message="the second copy to be deferred")
+    other = work.apply_async((["dup-k"], 0.0), concurrency_key="dup-k")
+    other.get(timeout=60)
+    assert env.max("dup-k") == 1
