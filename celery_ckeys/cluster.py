@@ -67,13 +67,18 @@ class ClusterStore(Store):
                 needed = resolved[slot.when_unlimited - 1][1]
             if needed:
                 assert limit is not None
-                fixed = replace(slot, limit=LimitSpec(fixed=limit), conf_tag=None,
-                                when_unlimited=None)
+                spec = LimitSpec(fixed=limit)
+                if slot.limit.fixed is None and not slot.limit.remembered:
+                    # a queue's limit, already resolved; the declared part goes along so that
+                    # the slot remembers it ("#d") for the sweeper
+                    spec = LimitSpec(trigger=limit, declared=slot.limit.declared, cap=slot.limit.cap)
+                fixed = replace(slot, limit=spec, conf_tag=None, when_unlimited=None)
                 steps.append((fixed, slot))
         return steps
 
     def resolve_limits(self, slots: Sequence[Slot], *, record: bool = False) -> list[Optional[int]]:
-        needed = {original.tag: fixed.limit.fixed for fixed, original in self._steps(slots, record=record)}
+        needed = {original.tag: step.limit.fixed if step.limit.fixed is not None else step.limit.trigger
+                  for step, original in self._steps(slots, record=record)}
         return [needed.get(slot.tag) for slot in slots]
 
     # -- admission, one slot per call ----------------------------------------------------

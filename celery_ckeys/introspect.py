@@ -149,7 +149,7 @@ def _limit_for(store: Store, tag: Tag, tag_string: str, recorded: dict[str, int]
         from dataclasses import replace
 
         spec = replace(spec, declared=declared[tag.queue], remembered=False)
-    last = state.info.get("#l")
+    last = state.info.get("#d", state.info.get("#l"))
     limit, _ = spec.resolve(recorded.get(tag.queue or ""), int(last) if last else None)
     return limit
 

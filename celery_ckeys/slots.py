@@ -24,7 +24,8 @@ class LimitSpec:
     (the environment's base limit). With none of them the queue is unlimited, unless
     ``unlimited_as`` is set (a partition: one run per key, see docs/protocol.md 6.4).
     ``remembered`` stands in for ``declared`` where the declaring code is not at hand (the
-    sweeper): the limit last resolved on the slot.
+    sweeper): the declared limit the last run on the slot brought (``#d`` in its info hash;
+    never the limit resolved from it, so a recorded limit cleared since does not live on).
     """
 
     fixed: Optional[int] = None

@@ -315,3 +315,34 @@ def test_a_woken_copy_whose_run_needs_no_slot_any_more_gives_its_unit_back(
 
 def store_keys(store: Store, tag: str) -> list[str]:
     return [k for k in store.client.scan_iter(match=f"ckeys:{{{tag}}}:*")]
+
+
+# -- the second review (2026-12-01) -------------------------------------------------
+
+def test_the_sweeper_never_wakes_runs_up_to_a_recorded_limit_cleared_since(
+        stores: tuple[Store, list[Wake]]) -> None:
+    """F5: the sweeper, which has no declaring code at hand, resolved a queue slot with the
+    limit last resolved there (the recorded 5), not the declared 2 that applies once the
+    recorded limit is cleared: it woke three runs, and all three claimed."""
+    from celery_ckeys.admission import slot_for_tag
+
+    store, woken = stores
+    plan = plan_for(store.config, RunSpec("t", queue=ConcurrencyQueue("q", 2)))
+    assert plan is not None
+    (slot,) = plan.slots
+    store.set_queue_limit("q", 5)
+    holds = {f"H{i}": token(f"H{i}") for i in range(1, 6)}
+    for who, tok in holds.items():
+        assert admit(store, plan.slots, who, tok).ok
+    for who in ("P1", "P2", "P3"):
+        assert admit(store, plan.slots, who, token(who)).parked
+    store.set_queue_limit("q", None)  # the declared 2 applies again
+    for who in ("H1", "H2", "H3"):
+        store.release(plan.slots, who, holds[who])
+    assert woken == []  # 2 units are left, limit 2
+    swept = slot_for_tag(store.config, store.names, slot.tag)
+    assert swept is not None
+    store.sweep(swept)
+    assert woken == []
+    store.release(plan.slots, "H4", holds["H4"])  # one unit left: one run is woken
+    assert len(woken) == 1

@@ -74,7 +74,7 @@ if mode == "run" and ticket == "" then
     for j = 1, N do
       if USED[j] then
         redis.call("ZADD", key(j, H), NOW + lease, who)
-        redis.call("HSET", key(j, I), who, token, "#l", LIM[j])
+        redis.call("HSET", key(j, I), who, token, remember(j))
         redis.call("PEXPIRE", key(j, H), lease)
         redis.call("PEXPIRE", key(j, I), lease)
         taken[#taken + 1] = tostring(j)
@@ -170,7 +170,7 @@ if blocked == nil then
   for j = 1, N do
     if USED[j] then
       redis.call("ZADD", key(j, H), NOW + lease, who)
-      redis.call("HSET", key(j, I), who, token, "#l", LIM[j])
+      redis.call("HSET", key(j, I), who, token, remember(j))
       if resuming then
         redis.call("ZREM", key(j, R), who)
         redis.call("ZREM", key(j, W), who)
@@ -259,7 +259,7 @@ if parking then
   end
   redis.call("ZADD", key(b, P), "NX", at, who)
   redis.call("HSET", key(b, M), who, (ticket ~= "" and ticket or new_ticket) .. "\n" .. message)
-  redis.call("HSET", key(b, I), "#l", LIM[b])
+  redis.call("HSET", key(b, I), remember(b))
   index(idx, b, NOW + countdown)
   if primary > 0 then
     redis.call("HDEL", key(primary, F), who)

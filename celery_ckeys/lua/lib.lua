@@ -11,7 +11,8 @@
 --                keeps the slot from looking idle to the fast path while that run lives)
 --   I  info      HASH task id -> hold token, "@w"..ticket (woken), "@h"..ticket (kept: a
 --                woken run that waits on a later slot of its plan keeps this unit) or
---                "@r"..wait token (resuming); "#f" last fence; "#l" limit last resolved here
+--                "@r"..wait token (resuming); "#f" last fence; "#l" limit last resolved here;
+--                "#d" the declared limit of a queue slot ("" none), for the sweeper
 --   P  line      ZSET task id -> order (first deferral, ms)
 --   M  messages  HASH task id -> ticket.."\n"..message of a parked or woken run
 --   R  resume    ZSET task id -> when its child finished (resume order)
@@ -93,6 +94,7 @@ end
 --   "~"                  not needed: the line a woken copy comes from, which its plan no
 --                        longer names (the limit last resolved there, for refills)
 -- Returns the limit (nil: unlimited) and whether the fallback u applied.
+local DECL = {} -- slot j -> the declared part d of its queue spec ("" for none)
 local function resolve_limit(spec, j, write)
   local fixed = string.match(spec, "^=(%d+)$")
   if fixed then
@@ -103,6 +105,9 @@ local function resolve_limit(spec, j, write)
     error("bad limit spec " .. spec)
   end
   local conf = c ~= "0" and KEYS[tonumber(c)] or nil
+  if d ~= "#" then
+    DECL[j] = d -- remembered on the slot ("#d") for the sweeper, which has no code at hand
+  end
   local lim = tonumber(s)
   if lim ~= nil then
     if write and conf then
@@ -112,7 +117,14 @@ local function resolve_limit(spec, j, write)
     lim = conf and tonumber(redis.call("HGET", conf, "limit") or "") or nil
     if lim == nil then
       if d == "#" then
-        lim = tonumber(redis.call("HGET", key(j, I), "#l") or "")
+        -- the declared limit remembered here, never the limit resolved from it: a recorded
+        -- limit that was cleared since must not live on in the sweeper (S1)
+        local remembered = redis.call("HGET", key(j, I), "#d")
+        if remembered then
+          lim = tonumber(remembered)
+        else -- a slot last written before "#d" existed
+          lim = tonumber(redis.call("HGET", key(j, I), "#l") or "")
+        end
       else
         lim = tonumber(d)
       end
@@ -385,6 +397,16 @@ local function classify(j, who, ticket)
   return "fresh"
 end
 
+
+-- What slot j remembers of its limit for calls that do not have the run's spec (the
+-- sweeper, refills of a line no plan names): "#l" the limit resolved now, "#d" the
+-- declared part of a queue's spec. Returns HSET arguments.
+local function remember(j)
+  if DECL[j] then
+    return "#l", LIM[j], "#d", DECL[j]
+  end
+  return "#l", LIM[j]
+end
 
 local function settle_all(lease)
   for j, _ in pairs(TOUCHED) do
