@@ -44,6 +44,7 @@ from .publish import (
     HEADER_RESUME,
     HEADER_TAGS,
     HEADER_TICKET,
+    copy_expiry,
     default_key,
     deferred_headers,
     strip_stay,
@@ -171,8 +172,7 @@ def ticket_of(headers: dict[str, Any]) -> tuple[str, Optional[str]]:
 def expires_by_us(headers: dict[str, Any]) -> bool:
     """This copy's ``expires`` is the handoff's own copy life, not the run's: when it passes,
     the run itself is still in Redis and is woken again."""
-    raw = headers.get(HEADER_TICKET)
-    return isinstance(raw, (list, tuple)) and len(raw) >= 3 and raw[2] == 1
+    return copy_expiry(headers)[0]
 
 
 def hold_token(task: Any, request: Any, ticket: str, tags: list[str]) -> str:
@@ -208,6 +208,7 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     headers = headers_of(request)
     store = store_of(task.app)
     final = False  # the body ended in a state Celery stores as final (not Retry/Ignore/Reject)
+    requeued = False  # Reject(requeue=True): the same message comes back and must run
     try:
         plan = plan_of(task, headers, args, kwargs)
         if plan is not None:
@@ -217,7 +218,10 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         result = task.run(*args, **kwargs)
         final = True
         return result
-    except (Retry, Ignore, Reject):
+    except Reject as exc:
+        requeued = bool(getattr(exc, "requeue", False))
+        raise
+    except (Retry, Ignore):
         raise
     except Exception:
         final = True
@@ -228,7 +232,8 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             _parent_may_resume(store, headers)
         active = _active.get(_here(request.id))  # after wait_for, it holds with a new token
         if active is not None:
-            release(task, active.holding, reason="finished")
+            # no memo for a requeued stay: its message, ticket and all, is delivered again
+            release(task, active.holding, reason="finished", memo=not requeued)
 
 
 def leave_home(task: Any, request: Any, store: Store, headers: dict[str, Any]) -> None:
@@ -432,7 +437,7 @@ def defer(task: Any, request: Any, config: CkeysConfig, *, blocked_by: str, hold
     raise Ignore(f"deferred: {blocked_by} is busy")
 
 
-def release(task: Any, holding: Holding, *, reason: str) -> None:
+def release(task: Any, holding: Holding, *, reason: str, memo: bool = True) -> None:
     """Give back every unit of ``holding``, in the process that took them only.
 
     A release that fails because Redis is unreachable is retried in the background until
@@ -455,11 +460,12 @@ def release(task: Any, holding: Holding, *, reason: str) -> None:
             signals.slots_released.send(sender=task, task_id=holding.owner,
                                         slots=[s.label for s in holding.slots], reason=reason)
     try:
-        holding.store.release(holding.slots, holding.owner, holding.token, holding.ticket)
+        holding.store.release(holding.slots, holding.owner, holding.token,
+                              holding.ticket if memo else "")
     except CoordinationUnavailable as exc:
         release_log.error("run %s could not release its slots yet (%s); retrying in the"
                           " background", holding.owner, describe(exc))
-        heartbeat.release(holding, on_done)
+        heartbeat.release(holding if memo else replace(holding, ticket=""), on_done)
         return
     on_done()
 

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 from kombu.utils.json import dumps, loads
 
-from .publish import HEADER_TICKET
+from .publish import HEADER_TICKET, copy_expiry
 
 logger = logging.getLogger("celery_ckeys.handoff")
 
@@ -33,7 +33,12 @@ logger = logging.getLogger("celery_ckeys.handoff")
 def message_for(task: Any, request: Any, headers: dict[str, Any]) -> Optional[str]:
     """The run's message to park, or ``None`` when its arguments do not fit in JSON."""
     parked = {k: v for k, v in headers.items() if k != HEADER_TICKET}
-    signature = task.signature_from_request(request, retries=request.retries, headers=parked)
+    extra: dict[str, Any] = {}
+    ours, own = copy_expiry(headers)
+    if ours:  # a woken copy parks again: the line keeps the run's expiry, not the copy's
+        extra["expires"] = own
+    signature = task.signature_from_request(request, retries=request.retries, headers=parked,
+                                            **extra)
     try:
         return str(dumps({"task": task.name, "sig": dict(signature)}))
     except (TypeError, ValueError) as exc:
@@ -64,7 +69,9 @@ def publish(app: Any, wakes: Sequence[Any]) -> None:
         if ours:
             options["expires"] = own
         headers = dict(options.get("headers") or {})
-        headers[HEADER_TICKET] = [wake.ticket, wake.tag, 1 if ours else 0]
+        # with the copy life as its expires, the copy says so and carries the run's own
+        own_expires = theirs.isoformat() if ours and theirs is not None else None
+        headers[HEADER_TICKET] = [wake.ticket, wake.tag, 1 if ours else 0, own_expires]
         options["headers"] = headers
         app.send_task(sig["task"], sig.get("args") or (), sig.get("kwargs") or {}, **options)
 

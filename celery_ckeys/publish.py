@@ -42,10 +42,25 @@ def deferred_headers(headers: Mapping[str, Any], now: float) -> dict[str, Any]:
     return out
 
 
+def copy_expiry(headers: dict[str, Any]) -> tuple[bool, Any]:
+    """``(True, the run's own expires or None)`` when this copy's ``expires`` is the
+    handoff's copy life (``ckeys_ticket`` = ``[ticket, home, 1, own expires]``), not the
+    run's; ``(False, None)`` otherwise. Every message made from the copy (a park, a retry,
+    autoretry, replace) must carry the run's own expiry, never the copy's."""
+    raw = headers.get(HEADER_TICKET)
+    if isinstance(raw, (list, tuple)) and len(raw) >= 3 and raw[2] == 1:
+        return True, raw[3] if len(raw) >= 4 else None
+    return False, None
+
+
 def strip_stay(request: Any) -> None:
     """The run is admitted: what Celery publishes from its request from now on (retry,
-    autoretry, replace) is a fresh run, not another copy of this stay in line."""
+    autoretry, replace) is a fresh run, not another copy of this stay in line, and expires
+    when the run itself does."""
     headers = getattr(request, "headers", None)
+    ours, own = copy_expiry(headers if isinstance(headers, dict) else {})
+    if ours:
+        request.expires = own
     for name in PER_STAY:
         if isinstance(headers, dict):
             headers.pop(name, None)

@@ -271,3 +271,29 @@ def test_a_second_copy_in_the_same_process_never_frees_the_running_copys_key(env
     other = work.apply_async((["dup-k"], 0.0), concurrency_key="dup-k")
     other.get(timeout=60)
     assert env.max("dup-k") == 1
+
+
+def test_a_woken_run_that_retries_later_than_its_copy_life_still_runs(env: Env) -> None:
+    """F2: what a woken copy publishes (a retry, a park at a later slot) inherited the
+    copy's own expiry (ckeys_handoff_copy_ttl after the wake) as the run's: Celery then
+    discarded the retry as expired, and the run, which had no expires, never ran again."""
+    env.configure(**HANDOFF, ckeys_handoff_copy_ttl=10)
+    env.workers(count=1, concurrency=3)
+    app = env.app()
+    hold_then(env, "late", 1.0)
+    run = park(env, "late", lambda: app.tasks["ckt.retry_later"].apply_async(
+        (["late"], 11.0), concurrency_key="late"))
+    assert run.get(timeout=60) == {"retries": 1}
+
+
+def test_a_woken_run_that_rejects_with_requeue_runs_again(env: Env) -> None:
+    """F3: Reject(requeue=True) from a woken copy's body left the memo of its stay, so the
+    requeued message, the same copy, was dropped as a duplicate and never ran again."""
+    env.configure(**HANDOFF)
+    env.workers(count=1, concurrency=3)
+    app = env.app()
+    hold_then(env, "rq", 1.0)
+    run = park(env, "rq", lambda: app.tasks["ckt.end"].apply_async(
+        ("requeue_once", ["rq"]), concurrency_key="rq"))
+    assert run.get(timeout=60) == "requeued"
+    assert len([e for e in env.events("body") if e["id"] == run.id]) == 2

@@ -134,8 +134,8 @@ def test_a_copy_of_a_woken_run_expires_before_the_memo_of_its_stay(redis_server:
                                             "options": {"headers": {}, "expires": soon}}})
     publish(app, [Wake("tag", "R", message), Wake("tag", "R", later)])
     left = (sent[0]["expires"] - datetime.now(timezone.utc)).total_seconds()
-    assert 110 < left <= 120 and sent[0]["headers"]["ckeys_ticket"] == ["R", "tag", 1]
-    assert sent[1]["expires"] == soon and sent[1]["headers"]["ckeys_ticket"] == ["R", "tag", 0]
+    assert 110 < left <= 120 and sent[0]["headers"]["ckeys_ticket"] == ["R", "tag", 1, None]
+    assert sent[1]["expires"] == soon and sent[1]["headers"]["ckeys_ticket"] == ["R", "tag", 0, None]
 
 
 def test_a_woken_run_keeps_its_home_unit_while_asked_for_its_message(
@@ -346,3 +346,29 @@ def test_the_sweeper_never_wakes_runs_up_to_a_recorded_limit_cleared_since(
     assert woken == []
     store.release(plan.slots, "H4", holds["H4"])  # one unit left: one run is woken
     assert len(woken) == 1
+
+
+def test_a_run_that_keeps_an_earlier_unit_parks_at_the_head_of_the_next_line(
+        stores: tuple[Store, list[Wake]]) -> None:
+    """F6: under Cluster the order a kept run parks with arrives already lowered (negative),
+    and acquire.lua took any order <= 0 for "now": the run parked behind everybody while it
+    kept the earlier slot's unit (protocol.md 5.1 promises the head of the line)."""
+    store, woken = stores
+    spec = RunSpec("t", key="k", queue=ConcurrencyQueue("q"))
+    both = plan_for(store.config, spec)
+    key_only = plan_for(store.config, RunSpec("t", key="k"))
+    assert both is not None and key_only is not None
+    tw = token("W")
+    assert admit(store, both.slots, "W", tw).ok  # q unlimited: q[k] and key k
+    assert admit(store, both.slots, "X", token("X"), first_ms=1000).parked
+    store.release(both.slots, "W", tw)  # X is woken at q[k]
+    (wake,) = woken
+    tz = token("Z")
+    assert store.acquire(key_only.slots, "Z", tz).ok  # Z holds key k
+    for i, who in enumerate(("L1", "L2")):
+        assert admit(store, key_only.slots, who, token(who), first_ms=2000 + i).parked
+    x = admit(store, both.slots, "X", token("X", wake.ticket), ticket=wake.ticket, home=wake.tag)
+    assert x.parked and x.blocked is not None and x.blocked.tag == key_only.slots[0].tag
+    woken.clear()
+    store.release(key_only.slots, "Z", tz)
+    assert [json.loads(w.message)["run"] for w in woken] == ["X"]

@@ -182,6 +182,10 @@ def register(app: Celery, probe: Probe) -> None:
                 return "retried"
             if how == "reject":
                 raise Reject("rejected", requeue=False)
+            if how == "requeue_once":
+                if probe.client.set(f"{probe.prefix}:requeued:{self.request.id}", 1, nx=True):
+                    raise Reject("not now, put me back", requeue=True)
+                return "requeued"
             if how == "ignore":
                 raise Ignore()
             if how == "sleep":
@@ -222,6 +226,15 @@ def register(app: Celery, probe: Probe) -> None:
         with probe.running(labels, self.request.id, {"retries": self.request.retries}):
             if self.request.retries == 0:
                 raise KeyError("first attempt fails")
+        return {"retries": self.request.retries}
+
+    @task(bind=True, base=KeyedTask, name="ckt.retry_later", max_retries=1)
+    def retry_later(self: Any, labels: list[str], countdown: float) -> dict[str, Any]:
+        """Retries once, ``countdown`` seconds later."""
+        with probe.running(labels, self.request.id, {"retries": self.request.retries}):
+            pass
+        if self.request.retries == 0:
+            raise self.retry(countdown=countdown)
         return {"retries": self.request.retries}
 
     @task(bind=True, base=KeyedTask, name="ckt.hard_limit_beating", time_limit=1)

@@ -18,7 +18,7 @@
 --       6 run: the ticket the copy carries ("" none); resume, reserve: its wait token
 --       7 ticket to park under when it carries none
 --       8 message to park when blocked: "" never park (countdown), "?" ask for it
---       9 order in a line (first deferral, ms; 0: now)
+--       9 order in a line (first deferral, ms; 0: now; negative: already lowered by KEPT)
 --       10 "claim window ms,countdown ms,deferral memory ms,primary slot,index position"
 --       11 n   12.. one limit spec per slot (lib.lua resolve_limit)
 -- Returns, the last element always the wakes {j, "ticket\nmessage", ...} to publish:
@@ -253,7 +253,9 @@ local parked = 0
 if parking then
   -- (a copy of a run that executes right now waits in the broker instead: a run is never
   -- in a line of a slot it holds or waits on)
-  local at = order > 0 and order or NOW
+  -- 0: now; under Cluster a run that keeps an earlier slot's unit comes with its order
+  -- already lowered (negative): it keeps its place ahead of those that keep nothing
+  local at = order ~= 0 and order or NOW
   if kept then
     at = at + KEPT -- ahead of every run that keeps nothing, first come first served
   end
