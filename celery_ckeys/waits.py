@@ -152,7 +152,16 @@ class _Wait:
                           task_name=self.task.name, slots=holding.slots, role="wait",
                           ticket=holding.ticket)
         heartbeat.add(waiting)
-        self.store.step_out(holding.slots, self.request.id, holding.token, wait_token)
+        try:
+            self.store.step_out(holding.slots, self.request.id, holding.token, wait_token)
+        except CoordinationUnavailable:
+            # The wait may have been entered (only the reply got lost) or not. Renew the hold
+            # again, never the wait: a wait that nobody renews expires after one lease, while
+            # one renewed for as long as this process lives kept every later copy of the
+            # run busy. The gate releases the hold when the error ends the run.
+            heartbeat.remove(waiting)
+            heartbeat.add(holding)
+            raise
         metrics.released(len(holding.slots), "waiting")
         if signals.slots_released.receivers:
             signals.slots_released.send(sender=self.task, task_id=self.request.id,

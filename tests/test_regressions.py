@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pytest
+from celery import Celery
 from servers import Cluster
 
 from celery_ckeys.admission import RunSpec, plan_for
@@ -372,3 +373,40 @@ def test_a_run_that_keeps_an_earlier_unit_parks_at_the_head_of_the_next_line(
     woken.clear()
     store.release(key_only.slots, "Z", tz)
     assert [json.loads(w.message)["run"] for w in woken] == ["X"]
+
+
+def test_a_lost_reply_to_step_out_never_leaves_a_wait_renewed(redis_server: RedisServer) -> None:
+    """F7: wait_for moved the heartbeat from the hold to the wait before stepping out; when
+    the step-out script ran but its reply was lost, the run ended with the error and its
+    process went on renewing the wait for ever, so every later copy of the run was busy."""
+    from celery.app.task import Context
+    from celery.result import AsyncResult
+
+    from celery_ckeys import KeyedTask, gate
+    from celery_ckeys.errors import CoordinationUnavailable
+    from celery_ckeys.heartbeat import heartbeat
+
+    app = Celery("f7", broker="memory://", set_as_current=False)
+    app.conf.update(ckeys_redis_url=f"{redis_server.url}/0", ckeys_namespace=f"f7-{uuid.uuid4().hex[:6]}")
+
+    @app.task(base=KeyedTask, bind=True, name="f7.parent", concurrency_key="k:{k}")
+    def parent(self: Any, k: str) -> Any:
+        return self.wait_for(AsyncResult("child-of-f7", app=app), timeout=5)
+
+    store = gate.store_of(app)
+    real = store.step_out
+
+    def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)  # the script ran on the server...
+        raise CoordinationUnavailable("...but its reply never arrived")
+
+    store.step_out = reply_lost  # type: ignore[method-assign]
+    parent.request_stack.push(Context(id="F7", args=("a",), kwargs={}, headers={},
+                                      called_directly=False, is_eager=False, hostname="w1"))
+    try:
+        with pytest.raises(CoordinationUnavailable):
+            gate.run(parent, ("a",), {})
+    finally:
+        parent.request_stack.pop()
+        store.step_out = real  # type: ignore[method-assign]
+    assert [(h.owner, h.role) for h in heartbeat.holdings() if h.owner == "F7"] == []
