@@ -44,6 +44,7 @@ from .publish import (
     HEADER_RESUME,
     HEADER_TAGS,
     HEADER_TICKET,
+    PER_STAY,
     copy_expiry,
     default_key,
     deferred_headers,
@@ -522,3 +523,32 @@ def forfeit(task: Any, task_id: str, headers: dict[str, Any], args: Any, kwargs:
     except CoordinationUnavailable as err:
         release_log.error("could not give back what %s run %s reserved (%s); it comes free"
                           " when its claim window passes", why, task_id, describe(err))
+
+
+def copy_expired(task: Any, request: Any, headers: dict[str, Any]) -> None:
+    """Celery discarded a copy whose ``expires`` was the handoff's copy life. Its run is
+    normally still in Redis (woken, kept or in line: it is woken again; held: it runs; or
+    finished: its memo). When Redis knows nothing of its stay any more, the copy had claimed
+    and then died with its host, its lease ran out, and this is the broker's redelivery:
+    nothing else would ever run it, so it is published again as a fresh run (at-least-once,
+    never dropped unless proven to have run)."""
+    store, slots = _plan_of_message(task, headers, request.args, request.kwargs)
+    if store is None:
+        return
+    try:
+        if store.stay_known(slots, request.id, ticket_of(headers)[0]):
+            return
+    except CoordinationUnavailable as err:
+        release_log.warning("could not check the stay of expired copy %s (%s); publishing"
+                            " it again", request.id, describe(err))
+    fresh = {k: v for k, v in headers.items() if k in ALL_HEADERS and k not in PER_STAY}
+    options: dict[str, Any] = {"task_id": request.id, "headers": fresh,
+                               "expires": copy_expiry(headers)[1]}
+    delivery = getattr(request, "delivery_info", None) or {}
+    if delivery.get("exchange") == "" and delivery.get("routing_key"):
+        options["queue"] = delivery["routing_key"]
+    elif delivery.get("routing_key"):
+        options.update(exchange=delivery.get("exchange"), routing_key=delivery["routing_key"])
+    defer_log.warning("run %s of %s: its copy expired and Redis no longer knows its stay (its"
+                      " host died after it claimed); publishing it again", request.id, task.name)
+    task.app.send_task(task.name, tuple(request.args or ()), dict(request.kwargs or {}), **options)

@@ -21,7 +21,7 @@ import redis
 
 from .config import CkeysConfig
 from .errors import ConfigurationError, CoordinationUnavailable, describe
-from .naming import CONF, LINE, RESUME, SLOT_ROLES, UNITS, WAITING, WAKE, Names, memo_role
+from .naming import CONF, INFO, LINE, RESUME, SLOT_ROLES, UNITS, WAITING, WAITS, WAKE, Names, memo_role
 from .slots import Slot
 
 logger = logging.getLogger("celery_ckeys.store")
@@ -455,6 +455,25 @@ class Store:
         """The fencing token of a run holding ``slot`` with ``token``; -1 once it lost it."""
         keys = [Names.redis_key(slot.tag, role) for role in SLOT_ROLES]
         return int(self.call("fence", keys, [who, token]))
+
+    def stay_known(self, slots: Sequence[Slot], who: str, ticket: str) -> bool:
+        """Does Redis still know run ``who``'s stay ``ticket``: a unit held, woken, kept or
+        reserved for it, a place in a line, a wait, or the memo that it finished?"""
+        def _do(client: Any) -> bool:
+            for slot in slots:
+                units = Names.redis_key(slot.tag, UNITS)
+                if _text(client.type(units)) == "string" and \
+                        _text(client.get(units) or b"").startswith(json.dumps([who])[:-1] + ","):
+                    return True  # a simple slot: its one hold
+                if client.hexists(Names.redis_key(slot.tag, INFO), who) \
+                        or client.zscore(Names.redis_key(slot.tag, LINE), who) is not None \
+                        or client.hexists(Names.redis_key(slot.tag, WAITS), who):
+                    return True
+                if ticket and _text(client.get(Names.redis_key(slot.tag, memo_role(who)))
+                                    or b"") == f"done:{ticket}":
+                    return True
+            return False
+        return bool(self.guarded(_do))
 
     # -- the handoff's sweep ---------------------------------------------------------------
     def due_lines(self, most: int = 100) -> list[tuple[str, float]]:

@@ -296,7 +296,10 @@ def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, 
 
     headers = gate.headers_of(request)
     if expired and gate.expires_by_us(headers):
-        return  # only this copy was too old; its run waits in Redis and is woken again
+        # only this copy was too old: its run waits in Redis and is woken again, unless its
+        # stay is gone from there (it claimed, then its host died and its lease ran out)
+        gate.copy_expired(sender, request, headers)
+        return
     gate.forfeit(sender, request.id, headers, request.args, request.kwargs,
                  "expired" if expired else "revoked")
 

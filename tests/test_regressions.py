@@ -410,3 +410,51 @@ def test_a_lost_reply_to_step_out_never_leaves_a_wait_renewed(redis_server: Redi
         parent.request_stack.pop()
         store.step_out = real  # type: ignore[method-assign]
     assert [(h.owner, h.role) for h in heartbeat.holdings() if h.owner == "F7"] == []
+
+
+def test_a_claimed_copy_whose_host_died_is_published_again_when_its_redelivery_expires(
+        redis_server: RedisServer) -> None:
+    """F1: a woken copy claimed its reservation (its message left the slot), then its host
+    died and its lease ran out: Redis knew nothing of the run. The broker redelivered the
+    message only after its visibility timeout, past the copy's life, and Celery discarded it
+    as expired by us: the run, never revoked and never finished, was lost."""
+    from types import SimpleNamespace
+
+    from celery_ckeys import KeyedTask, gate, worker
+
+    app = Celery("f1", broker="memory://", set_as_current=False)
+    app.conf.update(ckeys_redis_url=f"{redis_server.url}/0", ckeys_deferral="handoff",
+                    ckeys_namespace=f"f1-{uuid.uuid4().hex[:6]}")
+
+    @app.task(base=KeyedTask, bind=True, name="f1.t", concurrency_key="k:{k}")
+    def t(self: Any, k: str) -> str:
+        return k
+
+    sent: list[dict[str, Any]] = []
+    app.send_task = lambda name, args=(), kwargs=None, **options: sent.append(  # type: ignore[method-assign]
+        {"name": name, "args": list(args), **options})
+    store = gate.store_of(app)
+    plan = gate.plan_of(t, {}, ("a",), {})
+    assert plan is not None
+    ta = token("A")
+    assert store.acquire(plan.slots, "A", ta).ok
+    message = json.dumps({"task": "f1.t", "sig": {"task": "f1.t", "args": ["a"], "kwargs": {},
+                                                 "options": {"headers": {}}}})
+    assert store.acquire(plan.slots, "X", token("X"), message=message, new_ticket="R1").parked
+    store.release(plan.slots, "A", ta)
+    (woken,) = sent
+    ticket, home, ours, _own = woken["headers"]["ckeys_ticket"]
+    assert ours == 1
+    copy = SimpleNamespace(id="X", args=("a",), kwargs={}, headers=dict(woken["headers"]),
+                           delivery_info={"exchange": "", "routing_key": "celery"})
+    worker._on_revoked(sender=t, request=copy, expired=True)
+    assert len(sent) == 1  # still woken in Redis: it is woken again, nothing to publish
+    assert admit(store, plan.slots, "X", token("X", ticket), ticket=ticket, home=home).ok
+    # the host dies; the lease runs out; the next call on the slot prunes it
+    store.client.zadd(Names.redis_key(plan.slots[0].tag, UNITS), {"X": 1}, xx=True)
+    tb = token("B")
+    assert store.acquire(plan.slots, "B", tb).ok
+    store.release(plan.slots, "B", tb)
+    worker._on_revoked(sender=t, request=copy, expired=True)  # the late redelivery
+    assert len(sent) == 2 and sent[1]["task_id"] == "X" and sent[1]["args"] == ["a"]
+    assert "ckeys_ticket" not in sent[1]["headers"] and sent[1]["expires"] is None
