@@ -317,7 +317,8 @@ def hold(task: Any, request: Any, store: Store, plan: Plan, token: str, ticket: 
     holding = Holding(store=store, owner=request.id, token=token, task_name=task.name,
                       slots=result.taken, ticket=ticket)
     heartbeat.add(holding)
-    _active[_here(request.id)] = ActiveRun(holding, plan, token)
+    active = _active[_here(request.id)] = ActiveRun(holding, plan, token)
+    request.__dict__["_ckeys_active"] = active  # for threads the body starts (ckeys_fence)
     if result.taken and type(request) is Context:
         request.__class__ = FencedContext  # ckeys_fence is read from Redis only if asked for
     request.ckeys_slots = [slot.label for slot in result.taken]
@@ -363,14 +364,14 @@ class FencedContext(Context):  # type: ignore[misc]
         cached = self.__dict__.get("_ckeys_fence")
         if cached is not None:
             return int(cached)
-        active = _active.get(_here(self.id))
+        active = self.__dict__.get("_ckeys_active")  # any thread of the body may read it
         if active is None or not active.holding.slots:
             raise CkeysError("this run holds no slot, so it has no fencing token", task_id=self.id)
         fence = active.holding.store.fence(active.holding.slots[0], self.id, active.token)
         if fence < 0:
             raise CkeysError("this run lost its lease: its fencing token is void", task_id=self.id)
         self.__dict__["_ckeys_fence"] = fence
-        return fence
+        return int(fence)
 
 
 def _why(request: Any, result: AcquireResult) -> str:
@@ -541,14 +542,16 @@ def copy_expired(task: Any, request: Any, headers: dict[str, Any]) -> None:
     except CoordinationUnavailable as err:
         release_log.warning("could not check the stay of expired copy %s (%s); publishing"
                             " it again", request.id, describe(err))
-    fresh = {k: v for k, v in headers.items() if k in ALL_HEADERS and k not in PER_STAY}
-    options: dict[str, Any] = {"task_id": request.id, "headers": fresh,
-                               "expires": copy_expiry(headers)[1]}
-    delivery = getattr(request, "delivery_info", None) or {}
-    if delivery.get("exchange") == "" and delivery.get("routing_key"):
-        options["queue"] = delivery["routing_key"]
-    elif delivery.get("routing_key"):
-        options.update(exchange=delivery.get("exchange"), routing_key=delivery["routing_key"])
+    # the same run as Celery would publish it from its request (group, chord, root, retries,
+    # time limits, routing...), as a fresh run: no per-stay headers, its own expires
+    fresh = {k: v for k, v in headers.items() if k not in PER_STAY}
+    context = request  # Celery's task_revoked passes the run's Context
+    if not isinstance(request, Context):
+        raw = getattr(request, "request_dict", None)
+        context = Context(dict(raw) if isinstance(raw, dict) else {"id": request.id},
+                          args=tuple(request.args or ()), kwargs=dict(request.kwargs or {}),
+                          delivery_info=getattr(request, "delivery_info", None) or {})
     defer_log.warning("run %s of %s: its copy expired and Redis no longer knows its stay (its"
                       " host died after it claimed); publishing it again", request.id, task.name)
-    task.app.send_task(task.name, tuple(request.args or ()), dict(request.kwargs or {}), **options)
+    task.signature_from_request(context, retries=context.retries or 0, headers=fresh,
+                                expires=copy_expiry(headers)[1]).apply_async()

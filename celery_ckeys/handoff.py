@@ -53,8 +53,9 @@ def publish(app: Any, wakes: Sequence[Any]) -> None:
 
     Every copy expires after ``ckeys_handoff_copy_ttl`` (sooner if the run's own
     ``expires`` says so): Celery discards an older copy, and the run, still reserved or in
-    line in Redis, is woken again. So no copy of a run can still turn up after the memo that
-    recognises its finished stay has gone (docs/protocol.md section 5).
+    line in Redis, is woken again. So a copy of a run that turns up after the memo that
+    recognises its finished stay has gone is discarded; only when Redis knows nothing of the
+    stay is the run published again (``gate.copy_expired``; docs/protocol.md section 5.0).
     """
     from .config import get_config
 

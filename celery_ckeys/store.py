@@ -458,19 +458,30 @@ class Store:
 
     def stay_known(self, slots: Sequence[Slot], who: str, ticket: str) -> bool:
         """Does Redis still know run ``who``'s stay ``ticket``: a unit held, woken, kept or
-        reserved for it, a place in a line, a wait, or the memo that it finished?"""
+        reserved for it, a place in a line, a wait, or the memo that it finished?
+
+        Each slot is read in one MULTI (its keys share a hash tag), so a run that moves from
+        one structure to another inside a script (line to woken, wait to resuming) is seen
+        in one of them, never in neither. A move between slots keeps the run visible on one
+        of them at every instant (a run parks before it gives back what it took)."""
+        mine = json.dumps([who])[:-1] + ","
+
         def _do(client: Any) -> bool:
             for slot in slots:
-                units = Names.redis_key(slot.tag, UNITS)
-                if _text(client.type(units)) == "string" and \
-                        _text(client.get(units) or b"").startswith(json.dumps([who])[:-1] + ","):
+                pipe = client.pipeline(transaction=True)
+                pipe.type(Names.redis_key(slot.tag, UNITS))
+                pipe.get(Names.redis_key(slot.tag, UNITS))  # WRONGTYPE on a full slot: ignored
+                pipe.hexists(Names.redis_key(slot.tag, INFO), who)
+                pipe.zscore(Names.redis_key(slot.tag, LINE), who)
+                pipe.hexists(Names.redis_key(slot.tag, WAITS), who)
+                pipe.get(Names.redis_key(slot.tag, memo_role(who)))
+                kind, simple, info, line, wait, memo = pipe.execute(raise_on_error=False)
+                if _text(kind) == "string" and not isinstance(simple, Exception) \
+                        and _text(simple or b"").startswith(mine):
                     return True  # a simple slot: its one hold
-                if client.hexists(Names.redis_key(slot.tag, INFO), who) \
-                        or client.zscore(Names.redis_key(slot.tag, LINE), who) is not None \
-                        or client.hexists(Names.redis_key(slot.tag, WAITS), who):
+                if info or line is not None or wait:
                     return True
-                if ticket and _text(client.get(Names.redis_key(slot.tag, memo_role(who)))
-                                    or b"") == f"done:{ticket}":
+                if ticket and not isinstance(memo, Exception) and _text(memo or b"") == f"done:{ticket}":
                     return True
             return False
         return bool(self.guarded(_do))

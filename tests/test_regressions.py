@@ -458,3 +458,38 @@ def test_a_claimed_copy_whose_host_died_is_published_again_when_its_redelivery_e
     worker._on_revoked(sender=t, request=copy, expired=True)  # the late redelivery
     assert len(sent) == 2 and sent[1]["task_id"] == "X" and sent[1]["args"] == ["a"]
     assert "ckeys_ticket" not in sent[1]["headers"] and sent[1]["expires"] is None
+
+
+def test_the_fence_can_be_read_from_a_thread_the_body_starts(redis_server: RedisServer) -> None:
+    """G2 (a review of the F4 fix): with active runs found by task id and thread, a thread
+    started by the body found no active run and ckeys_fence raised 'holds no slot'."""
+    import threading
+
+    from celery.app.task import Context
+
+    from celery_ckeys import KeyedTask, gate
+
+    app = Celery("g2", broker="memory://", set_as_current=False)
+    app.conf.update(ckeys_redis_url=f"{redis_server.url}/0", ckeys_namespace=f"g2-{uuid.uuid4().hex[:6]}")
+    seen: list[Any] = []
+
+    @app.task(base=KeyedTask, bind=True, name="g2.t", concurrency_key="k:{k}")
+    def t(self: Any, k: str) -> None:
+        request = self.request
+
+        def read() -> None:
+            try:
+                seen.append(request.ckeys_fence)
+            except Exception as exc:
+                seen.append(exc)
+        worker = threading.Thread(target=read)
+        worker.start()
+        worker.join()
+
+    t.request_stack.push(Context(id="G2", args=("a",), kwargs={}, headers={},
+                                 called_directly=False, is_eager=False, hostname="w1"))
+    try:
+        gate.run(t, ("a",), {})
+    finally:
+        t.request_stack.pop()
+    assert len(seen) == 1 and isinstance(seen[0], int) and seen[0] > 0
