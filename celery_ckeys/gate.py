@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -69,14 +68,11 @@ class ActiveRun:
     token: str
 
 
-#: By task id *and thread*: with the threads, gevent or eventlet pool two copies of one run
-#: can be in one process at once (a redelivery, a re-woken copy), and the one that is
-#: deferred must never find, and release, what the executing one holds.
-_active: dict[tuple[str, int], ActiveRun] = {}
-
-
-def _here(task_id: str) -> tuple[str, int]:
-    return task_id, threading.get_ident()
+#: Where a delivery keeps its ActiveRun: on its own request (Context), not under its task id.
+#: With the threads, gevent or eventlet pool two copies of one run can be in one process at
+#: once (a redelivery, a re-woken copy), and the one that is deferred must never find, and
+#: release, what the executing one holds; any thread the body starts still finds it.
+_ACTIVE = "_ckeys_active"
 
 #: Observers of the windows in which a run holds its slots, called in the run's own thread
 #: as ``observer(event, task, token)``: ``"hold"`` right after it took them (its body runs
@@ -98,9 +94,10 @@ def observe(event: str, task: Any, token: str) -> None:
             release_log.exception("hold observer %r failed", observer)
 
 
-def active_run(task_id: str) -> Optional[ActiveRun]:
-    """The run ``task_id`` executing in this thread (its delivery's units)."""
-    return _active.get(_here(task_id))
+def active_run(request: Any) -> Optional[ActiveRun]:
+    """What the delivery behind ``request`` holds, while its body runs."""
+    found = request.__dict__.get(_ACTIVE)
+    return found if isinstance(found, ActiveRun) else None
 
 
 def headers_of(request: Any) -> dict[str, Any]:
@@ -231,7 +228,7 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if final:
             # before this run's units go, so that what it frees goes to the waiting parent
             _parent_may_resume(store, headers)
-        active = _active.get(_here(request.id))  # after wait_for, it holds with a new token
+        active = request.__dict__.pop(_ACTIVE, None)  # after wait_for: a new token
         if active is not None:
             # no memo for a requeued stay: its message, ticket and all, is delivered again
             release(task, active.holding, reason="finished", memo=not requeued)
@@ -317,8 +314,7 @@ def hold(task: Any, request: Any, store: Store, plan: Plan, token: str, ticket: 
     holding = Holding(store=store, owner=request.id, token=token, task_name=task.name,
                       slots=result.taken, ticket=ticket)
     heartbeat.add(holding)
-    active = _active[_here(request.id)] = ActiveRun(holding, plan, token)
-    request.__dict__["_ckeys_active"] = active  # for threads the body starts (ckeys_fence)
+    request.__dict__[_ACTIVE] = ActiveRun(holding, plan, token)
     if result.taken and type(request) is Context:
         request.__class__ = FencedContext  # ckeys_fence is read from Redis only if asked for
     request.ckeys_slots = [slot.label for slot in result.taken]
@@ -364,7 +360,7 @@ class FencedContext(Context):  # type: ignore[misc]
         cached = self.__dict__.get("_ckeys_fence")
         if cached is not None:
             return int(cached)
-        active = self.__dict__.get("_ckeys_active")  # any thread of the body may read it
+        active = active_run(self)
         if active is None or not active.holding.slots:
             raise CkeysError("this run holds no slot, so it has no fencing token", task_id=self.id)
         fence = active.holding.store.fence(active.holding.slots[0], self.id, active.token)
@@ -450,9 +446,6 @@ def release(task: Any, holding: Holding, *, reason: str, memo: bool = True) -> N
     if hold_observers:
         observe("end", task, holding.token)
     heartbeat.remove(holding)
-    here = _here(holding.owner)
-    if here in _active and _active[here].holding is holding:
-        del _active[here]
     if not holding.slots:
         return
 

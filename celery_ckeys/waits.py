@@ -71,7 +71,7 @@ class _Wait:
         self.timeout = timeout
         self.config: CkeysConfig = get_config(self.app)
         self.store: Store = gate.store_of(self.app)
-        self.active = gate.active_run(request.id)
+        self.active = gate.active_run(request)
         self.chain: list[str] = list(gate.headers_of(request).get(HEADER_WAIT_CHAIN) or [])
 
     def my_tags(self) -> list[str]:
