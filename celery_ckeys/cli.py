@@ -29,7 +29,7 @@ from .errors import CkeysError
 from .introspect import SlotStatus, declared_limits
 from .naming import enc, parse_tag
 from .redaction import redact
-from .store import Store
+from .store import Store, owner_prefix
 from .validation import check_key, check_limit, check_queue_name
 
 
@@ -184,8 +184,7 @@ def release(ctx: click.Context, key: Optional[str], queue: Optional[str],
     released = []
     for t, owner in owners:
         slot = slot_for_tag(store.config, names, t)
-        # every token of this run starts with its task id, whichever process holds it
-        if slot is not None and store.release_lost([slot], owner, json.dumps([owner])[:-1] + ","):
+        if slot is not None and store.release_lost([slot], owner, owner_prefix(owner)):
             released.append({"slot": slot.label, "task_id": owner})
     if as_json:
         click.echo(json.dumps({"released": released}))

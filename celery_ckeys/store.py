@@ -178,6 +178,11 @@ def token_prefix(task_id: str, host: str, pid: int) -> str:
     return json.dumps([task_id, host, pid], separators=(",", ":"))[:-1] + ","
 
 
+def owner_prefix(task_id: str) -> str:
+    """The start of every hold and wait token of one run, whichever process made it."""
+    return json.dumps([task_id])[:-1] + ","
+
+
 #: Clients a forked child inherited from its parent. They are never used, closed or
 #: collected in the child: another thread of the parent may have held their pool's lock at
 #: the instant of the fork (the main process sweeps while it forks pool processes), and
@@ -464,7 +469,7 @@ class Store:
         one structure to another inside a script (line to woken, wait to resuming) is seen
         in one of them, never in neither. A move between slots keeps the run visible on one
         of them at every instant (a run parks before it gives back what it took)."""
-        mine = json.dumps([who])[:-1] + ","
+        mine = owner_prefix(who)
 
         def _do(client: Any) -> bool:
             for slot in slots:
