@@ -5,12 +5,12 @@ the test tasks of ``workerapp`` registered on it and the ``ckeys`` plugin's sett
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
 import workerapp
 from celery import Celery, chain, group
-from celery.contrib.testing.worker import start_worker
 
 from celery_ckeys.config import get_config
 from celery_ckeys.contrib.pytest import SessionRedis, wait_until
@@ -119,7 +119,14 @@ def test_default_key_is_computed_on_the_worker_for_send_task_by_name(app: Celery
 
 def test_two_in_thread_workers_of_one_process_add_up_in_the_registry(app: Celery) -> None:
     """Their runs report one host name; the registry entry (what WaitStarvation counts)
-    holds both workers' threads, and only the one that stops leaves it."""
+    holds both workers' threads, and only the one that stops leaves it.
+
+    The second worker is announced with the signals Celery's in-thread test worker sends
+    (``test_worker_started`` / ``test_worker_stopped``), for a stand-in of 3 threads: two real
+    in-thread workers cannot share a process cleanly, since Celery stops one through
+    process-global state (``celery.worker.state.should_terminate``) that the other sees too."""
+    from celery.contrib.testing.worker import test_worker_started, test_worker_stopped
+
     store = store_for(get_config(app))
     host = _run_hostname(app)
 
@@ -128,6 +135,12 @@ def test_two_in_thread_workers_of_one_process_add_up_in_the_registry(app: Celery
         return int(workers.get(host, {}).get("concurrency", 0))
 
     assert wait_until(lambda: concurrency() == 4, 15, message="the session worker's entry")
-    with start_worker(app, pool="threads", concurrency=3, perform_ping_check=False):
+    second = SimpleNamespace(app=app)
+    consumer = SimpleNamespace(app=app, task_consumer=None, pool=SimpleNamespace(num_processes=3),
+                               controller=SimpleNamespace(concurrency=3))
+    test_worker_started.send(sender=app, worker=second, consumer=consumer)
+    try:
         wait_until(lambda: concurrency() == 7, 15, message="both workers in one entry")
+    finally:
+        test_worker_stopped.send(sender=app, worker=second)
     wait_until(lambda: concurrency() == 4, 15, message="the session worker's entry alone")
