@@ -70,6 +70,7 @@ def _tune_worker(sender: Any = None, instance: Any = None, conf: Any = None, **_
     multiplier = conf.get("worker_prefetch_multiplier", CELERY_DEFAULT_PREFETCH)
     if multiplier == CELERY_DEFAULT_PREFETCH:
         conf.worker_prefetch_multiplier = 1
+        instance.ckeys_tuned_prefetch = True  # for _tune_prefetch, below
         logger.info("celery_ckeys: worker_prefetch_multiplier set to 1 so that a worker does"
                     " not hoard keyed runs it cannot start (ckeys_tune_worker=False keeps"
                     " Celery's default)")
@@ -188,6 +189,16 @@ def _stop_registry(sender: Any = None, member: Any = None, **_: Any) -> None:
 # celery.contrib.testing's in-thread workers (pytest-celery's ``celery_session_worker`` and
 # ``start_worker``) never send ``worker_ready``: they announce themselves with signals of
 # their own, which this connects to once such a worker is created.
+
+@worker_init.connect(weak=False, dispatch_uid="celery_ckeys.tune_prefetch")
+def _tune_prefetch(sender: Any = None, **_: Any) -> None:
+    """Make the multiplier _tune_worker chose the worker's own. ``celery worker`` reads the
+    setting into its ``--prefetch-multiplier`` option before celeryd_init is sent, and the
+    option wins over the setting; the consumer is built after worker_init from this value."""
+    if getattr(sender, "ckeys_tuned_prefetch", False) \
+            and sender.prefetch_multiplier == CELERY_DEFAULT_PREFETCH:
+        sender.prefetch_multiplier = 1
+
 
 @worker_init.connect(weak=False, dispatch_uid="celery_ckeys.embedded_worker")
 def _on_worker_init(sender: Any = None, **_: Any) -> None:

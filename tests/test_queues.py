@@ -222,6 +222,10 @@ def test_workers_are_tuned_for_keyed_tasks(env: Env) -> None:
     app = env.app()
     (reply,) = app.control.inspect(timeout=5).conf().values()
     assert reply["worker_prefetch_multiplier"] == 1
+    # what the consumer really asks of the broker: one message per process (`celery worker`
+    # reads the multiplier into its command-line option before celeryd_init can change it)
+    (stats,) = app.control.inspect(timeout=5).stats().values()
+    assert stats["prefetch_count"] == 2
     if "worker_eta_task_limit" in app.conf:
         assert reply["worker_eta_task_limit"] == 1000
     assert app.tasks["ckt.work"].acks_late is True
