@@ -153,8 +153,11 @@ def markdown(r: dict[str, Any]) -> str:
     single, cluster = t["single"], t["cluster"]
     lines += ["", "## (f) The scripts without Celery", "",
               f"Acquire + release pairs, {single['processes']} client processes (redis-py), each"
-              " on keys of its own, 5 s. The ceiling is what the server's time per pair allows"
-              " one Redis core (per master on the Cluster).", "",
+              " on keys of its own, 5 s: the commands the store sends on the hot path (`SET NX"
+              f" PX`, then `unlock.lua`), {single['batch']} pairs per round trip as a load"
+              " generator pipelines them (`redis-benchmark -P`), every reply checked. The"
+              " ceiling is what the server's time per pair allows one Redis core (per master on"
+              " the Cluster).", "",
               "| setup | pairs/s reached | server us per pair | server ceiling, pairs/s |",
               "|---|---|---|---|",
               f"| one Redis | {single['pairs_per_s']:.0f} | {single['server_us_per_pair']:.1f} |"

@@ -29,7 +29,11 @@ logger = logging.getLogger("celery_ckeys.store")
 # What a failed call to Redis looks like, whatever the deployment.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
-SCRIPTS = ("acquire", "release", "wait", "renew", "fence", "sweep", "limit", "registry", "index")
+SCRIPTS = ("acquire", "release", "unlock", "wait", "renew", "fence", "sweep", "limit", "registry",
+           "index")
+#: Scripts loaded without lib.lua: the hot path's, which use none of its helpers (defining
+#: them on every call would cost more than the script itself).
+BARE = ("unlock",)
 
 
 def _read_lua(name: str) -> str:
@@ -40,16 +44,10 @@ _SOURCES: dict[str, str] = {}
 
 
 def script_source(name: str) -> str:
-    """A script as Redis runs it: its fast path (the block between ``--- @fast`` and
-    ``--- @end``), the shared library, then the rest of the script. Hoisting the fast path
-    spares the common case the cost of defining the library's helpers on every call."""
+    """A script as Redis runs it: ``lua/lib.lua``, then the script (a bare one alone)."""
     if name not in _SOURCES:
-        body, fast = _read_lua(name), ""
-        if "--- @fast\n" in body:
-            head, rest = body.split("--- @fast\n", 1)
-            fast, tail = rest.split("--- @end\n", 1)
-            body = head + tail
-        _SOURCES[name] = fast + _read_lua("lib") + "\n" + body
+        body = _read_lua(name)
+        _SOURCES[name] = body if name in BARE else _read_lua("lib") + "\n" + body
     return _SOURCES[name]
 
 
@@ -358,12 +356,22 @@ class Store:
         woken copy comes from (one call sees every slot; ClusterStore needs it).
         """
         keys, specs, index_at = self._keys(slots, who)
-        fast = mode == "run" and not ticket and len(specs) == 1 and specs[0][0] == "="
+        # An idle simple slot is taken with a bare SET NX PX (one command, no script): an
+        # existing units key of either type means "go the long way" (protocol.md section 3,
+        # invariant I1), which acquire.lua then classifies.
+        if (mode == "run" and not ticket and self._simple(specs)
+                and self.guarded(lambda c: c.set(keys[0], token, nx=True, px=self._lease))):
+            return AcquireResult("admitted", taken=(slots[0],))
         reply = self.call("acquire", keys, [
-            who, token, self._lease, "1" if fast else "0", mode, ticket, new_ticket, message,
-            order_ms, f"{self._window},{self._countdown},{self.config.deferral_memory_ms},"
-                      f"{primary},{index_at}", len(slots), *specs])
+            who, token, self._lease, mode, ticket, new_ticket, message, order_ms,
+            f"{self._window},{self._countdown},{self.config.deferral_memory_ms},"
+            f"{primary},{index_at}", len(slots), *specs])
         return self._acquired(reply, slots)
+
+    @staticmethod
+    def _simple(specs: Sequence[str]) -> bool:
+        """One slot of a fixed limit: idle, it is taken as a plain key (lib.lua's simple form)."""
+        return len(specs) == 1 and specs[0][0] == "="
 
     def _acquired(self, reply: Any, slots: Sequence[Slot]) -> AcquireResult:
         status = int(reply[0])
@@ -383,10 +391,19 @@ class Store:
         if not slots:
             return 0
         keys, specs, index_at = self._keys(slots, who)
+        if mode == "normal" and self._simple(specs):
+            freed = int(self.call("unlock", *self._unlock_call(keys, token, ticket)))
+            if freed >= 0:
+                return freed
         reply = self.call("release", keys, [mode, who, token, ticket,
                                             self._release_numbers(index_at), len(slots), *specs])
         self._wakes(reply[1], slots)
         return int(reply[0])
+
+    def _unlock_call(self, keys: Sequence[str], token: str, ticket: str) -> tuple[list[str], list[Any]]:
+        """``unlock.lua``'s KEYS and ARGV, from a one-slot layout of :meth:`_keys`."""
+        return ([keys[0], keys[len(SLOT_ROLES)]],
+                [token, ticket, self.config.copy_ttl_ms, self._lease])
 
     def _release_numbers(self, index_at: int) -> str:
         return f"{self._lease},{self._window},{self.config.copy_ttl_ms},{index_at}"
@@ -413,13 +430,20 @@ class Store:
         if len(runs) == 1:
             self.release(*runs[0])
             return
-        calls = []
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
         for slots, who, token, ticket in runs:
             keys, specs, index_at = self._keys(slots, who)
-            calls.append(("release", keys, ["normal", who, token, ticket,
-                                            self._release_numbers(index_at), len(slots), *specs]))
-        for (slots, *_), reply in zip(runs, self.pipeline(calls)):
-            self._wakes(reply[1], slots)
+            if self._simple(specs):
+                calls.append(("unlock", *self._unlock_call(keys, token, ticket)))
+            else:
+                calls.append(("release", keys, ["normal", who, token, ticket,
+                                                self._release_numbers(index_at), len(slots),
+                                                *specs]))
+        for run, (name, _, _), reply in zip(runs, calls, self.pipeline(calls)):
+            if name == "release":
+                self._wakes(reply[1], run[0])
+            elif int(reply) < 0:
+                self.release(*run)  # the slot filled meanwhile: the long way
 
     # -- waits ----------------------------------------------------------------------------
     def _wait(self, op: str, slots: Sequence[Slot], who: str, token: str, wait_token: str) -> int:

@@ -3,24 +3,24 @@
 --
 -- KEYS  per slot j = 1..n: the nine role keys of lib.lua; then the n memo keys
 --       ("ckeys:{tag}:x:<task id>"); then the queue conf HASHes the specs name; then, on
---       one Redis, the sweep index (its position is in ARGV[10]; 0 under Cluster).
+--       one Redis, the sweep index (its position is in ARGV[9]; 0 under Cluster).
 -- ARGV  1 task id
 --       2 the hold token it will hold with
 --       3 lease ms
---       4 "1" when the fast path applies (mode "run", no ticket, one slot, a fixed limit,
---         nothing to record): an idle slot is taken with one SET before anything else runs
---       5 mode: "run"      a delivery of the run
+--       4 mode: "run"      a delivery of the run
 --               "claimed"  the same, under Cluster, after it claimed its woken reservation on
 --                          an earlier slot: it was first in line, so lines do not hold it back
 --               "resume"   back from wait_for: claims the units reserved for it
 --               "reserve"  under Cluster, resume's first pass: only makes sure a unit of each
 --                          slot is reserved for it, converts nothing
---       6 run: the ticket the copy carries ("" none); resume, reserve: its wait token
---       7 ticket to park under when it carries none
---       8 message to park when blocked: "" never park (countdown), "?" ask for it
---       9 order in a line (first deferral, ms; 0: now; negative: already lowered by KEPT)
---       10 "claim window ms,countdown ms,deferral memory ms,primary slot,index position"
---       11 n   12.. one limit spec per slot (lib.lua resolve_limit)
+--       5 run: the ticket the copy carries ("" none); resume, reserve: its wait token
+--       6 ticket to park under when it carries none
+--       7 message to park when blocked: "" never park (countdown), "?" ask for it
+--       8 order in a line (first deferral, ms; 0: now; negative: already lowered by KEPT)
+--       9 "claim window ms,countdown ms,deferral memory ms,primary slot,index position"
+--       10 n   11.. one limit spec per slot (lib.lua resolve_limit)
+-- An idle simple slot never gets here: the store takes it with a bare SET NX PX first
+-- (docs/protocol.md section 3, invariant I1).
 -- Returns, the last element always the wakes {j, "ticket\nmessage", ...} to publish:
 --   {1, "j1,j2", claimed, wakes}        admitted; the slots taken; 1 if it claimed a woken
 --                                       reservation (it was first in line), else 0
@@ -30,22 +30,16 @@
 --   {3, wakes}                          blocked, and the message to park was not given
 --   {4, wakes}                          reserve: a unit of every slot is reserved for it
 
---- @fast
-if ARGV[4] == "1" and redis.call("SET", KEYS[1], ARGV[2], "NX", "PX", ARGV[3]) then
-  return {1, "1", 0, {}}
-end
---- @end
-
-local who, token, lease, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5]
-local ticket, new_ticket, message = ARGV[6], ARGV[7], ARGV[8]
-local order = tonumber(ARGV[9])
-local window, countdown, memory, primary, at = string.match(ARGV[10],
+local who, token, lease, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local ticket, new_ticket, message = ARGV[5], ARGV[6], ARGV[7]
+local order = tonumber(ARGV[8])
+local window, countdown, memory, primary, at = string.match(ARGV[9],
   "^(%d+),(%d+),(%d+),(%d+),(%d+)$")
 window, countdown, memory, primary = tonumber(window), tonumber(countdown), tonumber(memory),
   tonumber(primary)
 local idx = at ~= "0" and KEYS[tonumber(at)] or ""
-N = tonumber(ARGV[11])
-local SPECS = 12
+N = tonumber(ARGV[10])
+local SPECS = 11
 local resuming = mode == "resume" or mode == "reserve"
 
 now_ms()

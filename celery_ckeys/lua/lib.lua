@@ -1,8 +1,6 @@
 -- lib.lua: the named key roles and helpers every script shares. store.py prepends this
--- file to each script when it loads them; docs/protocol.md is the contract they follow.
--- A script may start with a block between "--- @fast" and "--- @end" lines: the loader puts
--- it in front of this library, so the common case returns before any of it runs (a block
--- there may use only KEYS and ARGV).
+-- file to each script when it loads them (but unlock.lua, the hot path's release, which
+-- needs none of it); docs/protocol.md is the contract they follow.
 --
 -- Key roles: every slot j of a script passes nine keys, in this order (KEYS[9j-8..9j]):
 --   H  units     STRING (simple: one hold, value = its token, PX lease) or

@@ -1,4 +1,5 @@
--- release.lua: give back what one run holds. docs/protocol.md section 6.2.
+-- release.lua: give back what one run holds. docs/protocol.md section 6.2. The run's own end
+-- on a simple slot goes through unlock.lua first.
 --
 -- KEYS  as acquire.lua: nine role keys per slot, the n memo keys, the conf keys the specs
 --       name, the sweep index (its position is in ARGV[5]; 0 under Cluster).
@@ -18,32 +19,6 @@
 --       6 n   7.. one limit spec per slot (to refill with the limit resolved now)
 -- Returns {released, wakes}: how many units were freed (a lease that had run out frees
 -- nothing, so releasing twice frees nothing the second time), then the wakes to publish.
-
---- @fast
--- the run's own end on a simple slot: one GETDEL
-if ARGV[1] == "normal" and ARGV[6] == "1" then
-  local v = redis.pcall("GETDEL", KEYS[1])
-  local memo = string.match(ARGV[5], "^%d+,%d+,(%d+),")
-  if v == ARGV[3] then
-    if ARGV[4] ~= "" then
-      redis.call("SET", KEYS[10], "done:" .. ARGV[4], "PX", memo)
-    end
-    return {1, {}}
-  end
-  if type(v) == "string" then
-    -- not ours (our lease ran out and another run took it): put it back untouched
-    redis.call("SET", KEYS[1], v, "PX", string.match(ARGV[5], "^(%d+),"))
-    v = false
-  end
-  if v == false then
-    if ARGV[4] ~= "" then
-      redis.call("SET", KEYS[10], "done:" .. ARGV[4], "PX", memo)
-    end
-    return {0, {}}
-  end
-  -- a WRONGTYPE error: the slot is full; go the long way
-end
---- @end
 
 local mode, who, token, ticket = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lease, window, memo, at = string.match(ARGV[5], "^(%d+),(%d+),(%d+),(%d+)$")
@@ -132,7 +107,7 @@ for j = 1, N do
     redis.call("HDEL", key(j, F), who)
   end
   if ticket ~= "" and (mode == "normal" or mode == "forfeit") then
-    redis.call("SET", memo_key(j), "done:" .. ticket, "PX", memo)
+    redis.call("PSETEX", memo_key(j), memo, "done:" .. ticket)
   end
 end
 settle_all(lease)
