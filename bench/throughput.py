@@ -32,7 +32,7 @@ from celery_ckeys.config import CkeysConfig, from_conf
 from celery_ckeys.embedded import RedisServer
 from celery_ckeys.queues import ConcurrencyQueue
 from celery_ckeys.slots import Slot
-from celery_ckeys.store import Store, Wake, store_for
+from celery_ckeys.store import Store, Wake, script_source, store_for
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from servers import Cluster
@@ -83,28 +83,38 @@ def _pairs(url: str, cluster: bool, namespace: str, index: int, seconds: float, 
            out: Any) -> None:
     """One load process: acquire + release pairs on keys of its own, :data:`BATCH` pairs per
     round trip, as the store sends them on the hot path (``SET NX PX``, then ``unlock.lua``;
-    each reply is checked, so a pair that did not take and free its key fails the run)."""
+    each reply is checked, so a pair that did not take and free its key fails the run).
+    On a Cluster each master gets its own batches over a plain connection, as a load
+    generator that knows the slot map does (redis-py's cluster pipeline would be the
+    bottleneck)."""
     config = config_for(url, namespace, cluster)
     store = store_for(config)
-    sha = store._script("unlock").sha
-    calls = []
-    for i in range(BATCH):
+    sha = store.client.script_load(script_source("unlock"))  # a pipeline does not load it
+    batches: dict[tuple[str, int], list[tuple[str, str, list[str], list[Any]]]] = {}
+    i = 0
+    while len(batches) < (3 if cluster else 1) or min(map(len, batches.values())) < BATCH:
         who = f"w{index}:{i}"
         keys, _, _ = store._keys(slots_of(config, f"p{index}:{i}"), who)
         tok = token(who)
-        calls.append((keys[0], tok, *store._unlock_call(keys, tok, "")))
-    client = store.client
+        node = store.client.get_node_from_key(keys[0]) if cluster else None
+        where = (node.host, node.port) if node is not None else ("", 0)
+        if len(batches.setdefault(where, [])) < BATCH:
+            batches[where].append((keys[0], tok, *store._unlock_call(keys, tok, "")))
+        i += 1
+    pipes = [(redis.Redis(host=host, port=port) if port else store.client, calls)
+             for (host, port), calls in batches.items()]
     while time.time() < start_at:
         time.sleep(0.001)
     done, deadline = 0, start_at + seconds
     while time.time() < deadline:
-        pipe = client.pipeline(transaction=False)
-        for key, tok, keys, args in calls:
-            pipe.set(key, tok, nx=True, px=LEASE_S * 1000)
-            pipe.evalsha(sha, len(keys), *keys, *args)
-        replies = pipe.execute()
-        assert all(replies[0::2]) and all(int(r) == 1 for r in replies[1::2]), replies[:4]
-        done += BATCH
+        for client, calls in pipes:
+            pipe = client.pipeline(transaction=False)
+            for key, tok, keys, args in calls:
+                pipe.set(key, tok, nx=True, px=LEASE_S * 1000)
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            replies = pipe.execute()
+            assert all(replies[0::2]) and all(int(r) == 1 for r in replies[1::2]), replies[:4]
+            done += len(calls)
     out.put(done)
 
 
