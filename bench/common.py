@@ -67,6 +67,27 @@ def use_server(binary: str) -> None:
     os.environ["CKEYS_REDIS_SERVER"] = binary
 
 
+def pin_servers(world: World) -> Optional[str]:
+    """Redis on the first core, this process and the workers on the others (when there are
+    two or more and the platform allows it). INFO commandstats time a command from its
+    start to its end: a redis-server that shares its core with the workers is preempted
+    inside commands, and what it reports is then mostly the scheduler's. Returns how the
+    cores were split, for the results, or None."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 2:
+        return None
+    rest = set(cores[1:])
+    for server in world.servers:
+        os.sched_setaffinity(server.process.pid, {cores[0]})
+    os.sched_setaffinity(0, rest)  # the workers started from now on inherit it
+    return f"redis-server on 1 core, workers and clients on {len(rest)}"
+
+
+def unpin() -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
 class World:
     """A broker redis-server, the coordination Redis, and workers.
 
