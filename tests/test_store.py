@@ -152,6 +152,22 @@ def test_an_expired_lease_is_not_renewed_and_frees_the_slot(store: Store) -> Non
     assert store.holders_of(s[0].tag) == ["b"]
 
 
+def test_releases_sent_together_free_idle_full_and_counting_slots(store: Store) -> None:
+    """The heartbeat's batch: a key nobody waits on (unlock.lua frees it), a key somebody
+    parked behind since it was taken (unlock.lua leaves it to release.lua, which wakes the
+    line) and a queue slot, in one call."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    full, idle, queue = slots(store, key="rf"), slots(store, key="ri"), slots(
+        store, queue=ConcurrencyQueue("rq", 2))
+    (_, a), (_, b), (_, q) = take(store, full, "a"), take(store, idle, "b"), take(store, queue, "q")
+    assert store.acquire(full, "w", token("w"), new_ticket="t1", message="m").parked
+    store.release_many([(full, "a", a, ""), (idle, "b", b, ""), (queue, "q", q, "")])
+    assert [(w.ticket, w.message) for w in woken] == [("t1", "m")]
+    assert store.holders_of(idle[0].tag) == [] and store.holders_of(queue[0].tag) == []
+    assert store.acquire(full, "w", token("w"), ticket="t1").ok, "the woken run could not claim"
+
+
 def test_release_of_a_lost_process_spares_a_copy_held_elsewhere(store: Store) -> None:
     s = slots(store, queue=ConcurrencyQueue("lq", 2))
     assert store.acquire(s, "a", token("a", host="h1", pid=7)).ok
