@@ -168,6 +168,26 @@ def test_releases_sent_together_free_idle_full_and_counting_slots(store: Store) 
     assert store.acquire(full, "w", token("w"), ticket="t1").ok, "the woken run could not claim"
 
 
+def test_a_resumed_run_that_no_longer_needs_a_key_hands_its_reservation_to_the_line(
+        store: Store) -> None:
+    """I1 after a limit change: a parent reserved a unit of key K on resuming, a run parked
+    behind K, then a limit on its queue made K unneeded. The reservation goes to the line
+    at once; left idle, K would go to a fresh run ahead of the parked one."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    plan = slots(store, key="K", queue=ConcurrencyQueue("rq"))  # no limit: partition + key K
+    key_only = slots(store, key="K")
+    _ok, held = take(store, plan, "p")
+    wait = json.dumps(["p", "host", 1, "w", ""])
+    assert store.step_out(plan, "p", held, wait) == 2
+    store.ready(plan, "p", wait)  # its child ended: units are reserved for it
+    assert store.acquire(key_only, "b", token("b"), new_ticket="tb", message="mb").parked
+    store.set_queue_limit("rq", 2)
+    assert store.acquire(plan, "p", token("p"), mode="resume", ticket=wait).ok
+    assert [w.ticket for w in woken] == ["tb"], "the parked run was not woken"
+    assert not take(store, key_only, "c")[0], "a fresh run took K ahead of the line"
+
+
 def test_release_of_a_lost_process_spares_a_copy_held_elsewhere(store: Store) -> None:
     s = slots(store, queue=ConcurrencyQueue("lq", 2))
     assert store.acquire(s, "a", token("a", host="h1", pid=7)).ok

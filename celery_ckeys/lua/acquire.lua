@@ -183,6 +183,9 @@ if blocked == nil then
       if not USED[j] and redis.call("HEXISTS", key(j, V), who) == 1 then
         load(j)
         drop_wait(j, who)
+        -- the unit reserved for it there goes to the line now: idle, the slot would go
+        -- to a fresh run on the fast path ahead of those waiting (I1)
+        refill(j, LIM[j], window, idx)
       end
     end
   end
