@@ -67,13 +67,17 @@ def use_server(binary: str) -> None:
     os.environ["CKEYS_REDIS_SERVER"] = binary
 
 
+#: the cores this process was given, which unpin() gives back
+_AFFINITY = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+
+
 def pin_servers(world: World) -> Optional[str]:
     """Redis on the first core, this process and the workers on the others (when there are
     two or more and the platform allows it). INFO commandstats time a command from its
     start to its end: a redis-server that shares its core with the workers is preempted
     inside commands, and what it reports is then mostly the scheduler's. Returns how the
     cores were split, for the results, or None."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = sorted(_AFFINITY)
     if len(cores) < 2:
         return None
     rest = set(cores[1:])
@@ -84,8 +88,8 @@ def pin_servers(world: World) -> Optional[str]:
 
 
 def unpin() -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    if _AFFINITY:
+        os.sched_setaffinity(0, _AFFINITY)
 
 
 class World:

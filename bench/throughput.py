@@ -94,12 +94,14 @@ def _pairs(url: str, cluster: bool, namespace: str, index: int, seconds: float, 
     i = 0
     while len(batches) < (3 if cluster else 1) or min(map(len, batches.values())) < BATCH:
         who = f"w{index}:{i}"
-        keys, _, _ = store._keys(slots_of(config, f"p{index}:{i}"), who)
         tok = token(who)
+        name, keys, args = store._release_call("normal", slots_of(config, f"p{index}:{i}"), who,
+                                               tok, "")
+        assert name == "unlock"
         node = store.client.get_node_from_key(keys[0]) if cluster else None
         where = (node.host, node.port) if node is not None else ("", 0)
         if len(batches.setdefault(where, [])) < BATCH:
-            batches[where].append((keys[0], tok, *store._unlock_call(keys, tok, "")))
+            batches[where].append((keys[0], tok, keys, args))
         i += 1
     pipes = [(redis.Redis(host=host, port=port) if port else store.client, calls)
              for (host, port), calls in batches.items()]

@@ -390,20 +390,30 @@ class Store:
     def _release(self, mode: str, slots: Sequence[Slot], who: str, token: str, ticket: str) -> int:
         if not slots:
             return 0
+        call = self._release_call(mode, slots, who, token, ticket)
+        return self._released(call, self.call(*call), mode, slots, who, token, ticket)
+
+    def _release_call(self, mode: str, slots: Sequence[Slot], who: str, token: str, ticket: str,
+                      *, unlock: bool = True) -> tuple[str, list[str], list[Any]]:
+        """The script call that releases: ``unlock.lua`` for a run's own end on a simple
+        slot (two keys of :meth:`_keys`' layout), else ``release.lua``."""
         keys, specs, index_at = self._keys(slots, who)
-        if mode == "normal" and self._simple(specs):
-            freed = int(self.call("unlock", *self._unlock_call(keys, token, ticket)))
-            if freed >= 0:
-                return freed
-        reply = self.call("release", keys, [mode, who, token, ticket,
-                                            self._release_numbers(index_at), len(slots), *specs])
+        if unlock and mode == "normal" and self._simple(specs):
+            return ("unlock", [keys[0], keys[len(SLOT_ROLES)]],
+                    [token, ticket, self.config.copy_ttl_ms, self._lease])
+        return ("release", keys, [mode, who, token, ticket, self._release_numbers(index_at),
+                                  len(slots), *specs])
+
+    def _released(self, call: tuple[str, list[str], list[Any]], reply: Any, mode: str,
+                  slots: Sequence[Slot], who: str, token: str, ticket: str) -> int:
+        """Units freed, from a release's reply; ``unlock.lua``'s -1 (the slot is full: it
+        filled since the run took it) sends the release on to ``release.lua``."""
+        if call[0] == "unlock":
+            if int(reply) >= 0:
+                return int(reply)
+            reply = self.call(*self._release_call(mode, slots, who, token, ticket, unlock=False))
         self._wakes(reply[1], slots)
         return int(reply[0])
-
-    def _unlock_call(self, keys: Sequence[str], token: str, ticket: str) -> tuple[list[str], list[Any]]:
-        """``unlock.lua``'s KEYS and ARGV, from a one-slot layout of :meth:`_keys`."""
-        return ([keys[0], keys[len(SLOT_ROLES)]],
-                [token, ticket, self.config.copy_ttl_ms, self._lease])
 
     def _release_numbers(self, index_at: int) -> str:
         return f"{self._lease},{self._window},{self.config.copy_ttl_ms},{index_at}"
@@ -430,20 +440,9 @@ class Store:
         if len(runs) == 1:
             self.release(*runs[0])
             return
-        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
-        for slots, who, token, ticket in runs:
-            keys, specs, index_at = self._keys(slots, who)
-            if self._simple(specs):
-                calls.append(("unlock", *self._unlock_call(keys, token, ticket)))
-            else:
-                calls.append(("release", keys, ["normal", who, token, ticket,
-                                                self._release_numbers(index_at), len(slots),
-                                                *specs]))
-        for run, (name, _, _), reply in zip(runs, calls, self.pipeline(calls)):
-            if name == "release":
-                self._wakes(reply[1], run[0])
-            elif int(reply) < 0:
-                self.release(*run)  # the slot filled meanwhile: the long way
+        calls = [self._release_call("normal", *run) for run in runs]
+        for run, call, reply in zip(runs, calls, self.pipeline(calls)):
+            self._released(call, reply, "normal", *run)
 
     # -- waits ----------------------------------------------------------------------------
     def _wait(self, op: str, slots: Sequence[Slot], who: str, token: str, wait_token: str) -> int:
