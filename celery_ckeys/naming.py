@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote
 
 PREFIX = "ckeys"
 
-# Roles: what each Redis key of a slot holds (docs/protocol.md section 3; lua/lib.lua
+# Roles: what each Redis key of a slot holds (docs/protocol.md section 3; lua/core.lua
 # names them the same way and takes them in the order of SLOT_ROLES).
 UNITS = "h"  # STRING (one hold) or ZSET task id -> expiry of its hold or reservation
 INFO = "i"  # HASH task id -> hold token or reservation; "#f" last fence; "#l" last limit

@@ -1,7 +1,7 @@
 """What a run must hold, as plain values: a :class:`Slot` and its :class:`LimitSpec`.
 
 The queue-limit rule lives here once (:meth:`LimitSpec.resolve`) and once in Lua
-(``resolve_limit`` in ``lua/lib.lua``, which admission uses atomically); a property test
+(``resolve_limit`` in ``lua/core.lua``, which admission uses atomically); a property test
 keeps the two equal. Nothing here talks to Redis.
 """
 
@@ -52,7 +52,7 @@ class LimitSpec:
         return limit, False
 
     def lua(self, conf_position: int) -> str:
-        """The spec as ``resolve_limit`` in lib.lua reads it (conf at ``KEYS[conf_position]``;
+        """The spec as ``resolve_limit`` in core.lua reads it (conf at ``KEYS[conf_position]``;
         0 for a slot with no queue conf)."""
         if self.fixed is not None:
             return f"={self.fixed}"

@@ -1,7 +1,7 @@
 """The Redis layer: the only code that talks to Redis.
 
 One client per process and config (created again after ``fork()``), the Lua scripts
-(``lua/*.lua``, each loaded with ``lua/lib.lua`` in front), and one method per protocol
+(``lua/*.lua``, loaded with the parts of the library they use in front), and one method per protocol
 step of docs/protocol.md. :class:`~celery_ckeys.cluster.ClusterStore` runs the same steps
 on Redis Cluster, where a script may only touch one hash tag.
 """
@@ -21,7 +21,20 @@ import redis
 
 from .config import CkeysConfig
 from .errors import ConfigurationError, CoordinationUnavailable, describe
-from .naming import CONF, INFO, LINE, RESUME, SLOT_ROLES, UNITS, WAITING, WAITS, WAKE, Names, memo_role
+from .naming import (
+    CONF,
+    INFO,
+    LINE,
+    MESSAGES,
+    RESUME,
+    SLOT_ROLES,
+    UNITS,
+    WAITING,
+    WAITS,
+    WAKE,
+    Names,
+    memo_role,
+)
 from .slots import Slot
 
 logger = logging.getLogger("celery_ckeys.store")
@@ -29,11 +42,16 @@ logger = logging.getLogger("celery_ckeys.store")
 # What a failed call to Redis looks like, whatever the deployment.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
-SCRIPTS = ("acquire", "release", "unlock", "wait", "renew", "fence", "sweep", "limit", "registry",
-           "index")
-#: Scripts loaded without lib.lua: the hot path's, which use none of its helpers (defining
-#: them on every call would cost more than the script itself).
-BARE = ("unlock",)
+SCRIPTS = ("acquire", "take", "release", "unlock", "give", "wait", "renew", "fence", "sweep",
+           "limit", "registry", "index")
+#: Scripts loaded without the library: the hot path's releases, which use none of it.
+#: Defining its helpers costs a script call more than most of what it then does.
+BARE = ("unlock", "give")
+#: Scripts loaded with core.lua alone (the key roles, the clock, the limit rule): they
+#: never touch a line, so lib.lua's helpers are not defined for them.
+CORE = ("take", "limit")
+#: The keys give.lua takes per slot, of :meth:`Store._keys`' layout.
+GIVE_ROLES = tuple(SLOT_ROLES.index(role) for role in (UNITS, INFO, LINE, MESSAGES, RESUME, WAITS))
 
 
 def _read_lua(name: str) -> str:
@@ -44,10 +62,11 @@ _SOURCES: dict[str, str] = {}
 
 
 def script_source(name: str) -> str:
-    """A script as Redis runs it: ``lua/lib.lua``, then the script (a bare one alone)."""
+    """A script as Redis runs it: ``lua/core.lua``, ``lua/lib.lua``, then the script (a bare
+    one alone, a :data:`CORE` one after core.lua only)."""
     if name not in _SOURCES:
-        body = _read_lua(name)
-        _SOURCES[name] = body if name in BARE else _read_lua("lib") + "\n" + body
+        parts = [] if name in BARE else ["core"] if name in CORE else ["core", "lib"]
+        _SOURCES[name] = "\n".join([_read_lua(part) for part in parts] + [_read_lua(name)])
     return _SOURCES[name]
 
 
@@ -285,7 +304,7 @@ class Store:
 
     # -- script arguments -------------------------------------------------------
     def _keys(self, slots: Sequence[Slot], who: str) -> tuple[list[str], list[str], int]:
-        """KEYS of a slot script (lib.lua's layout), the limit specs, the index position."""
+        """KEYS of a slot script (core.lua's layout), the limit specs, the index position."""
         keys = [Names.redis_key(slot.tag, role) for slot in slots for role in SLOT_ROLES]
         memo = memo_role(who)
         keys += [Names.redis_key(slot.tag, memo) for slot in slots]
@@ -356,12 +375,20 @@ class Store:
         woken copy comes from (one call sees every slot; ClusterStore needs it).
         """
         keys, specs, index_at = self._keys(slots, who)
-        # An idle simple slot is taken with a bare SET NX PX (one command, no script): an
-        # existing units key of either type means "go the long way" (protocol.md section 3,
-        # invariant I1), which acquire.lua then classifies.
-        if (mode == "run" and not ticket and self._simple(specs)
-                and self.guarded(lambda c: c.set(keys[0], token, nx=True, px=self._lease))):
-            return AcquireResult("admitted", taken=(slots[0],))
+        if mode == "run" and not ticket:
+            # The uncontended cases first (protocol.md section 6.1). An idle simple slot is
+            # taken with a bare SET NX PX (one command, no script): an existing units key of
+            # either type means "go the long way" (section 3, invariant I1). Full slots with
+            # room and nobody waiting are taken by take.lua.
+            if self._simple(specs):
+                if self.guarded(lambda c: c.set(keys[0], token, nx=True, px=self._lease)):
+                    return AcquireResult("admitted", taken=(slots[0],))
+            else:
+                taken = _text(self.call("take", keys, [who, token, self._lease, primary,
+                                                       len(slots), *specs]))
+                if taken != "0":
+                    return AcquireResult("admitted",
+                                         taken=tuple(slots[int(j) - 1] for j in taken.split(",")))
         reply = self.call("acquire", keys, [
             who, token, self._lease, mode, ticket, new_ticket, message, order_ms,
             f"{self._window},{self._countdown},{self.config.deferral_memory_ms},"
@@ -370,7 +397,7 @@ class Store:
 
     @staticmethod
     def _simple(specs: Sequence[str]) -> bool:
-        """One slot of a fixed limit: idle, it is taken as a plain key (lib.lua's simple form)."""
+        """One slot of a fixed limit: idle, it is taken as a plain key (a STRING units key)."""
         return len(specs) == 1 and specs[0][0] == "="
 
     def _acquired(self, reply: Any, slots: Sequence[Slot]) -> AcquireResult:
@@ -394,24 +421,29 @@ class Store:
         return self._released(call, self.call(*call), mode, slots, who, token, ticket)
 
     def _release_call(self, mode: str, slots: Sequence[Slot], who: str, token: str, ticket: str,
-                      *, unlock: bool = True) -> tuple[str, list[str], list[Any]]:
-        """The script call that releases: ``unlock.lua`` for a run's own end on a simple
-        slot (two keys of :meth:`_keys`' layout), else ``release.lua``."""
+                      *, lite: bool = True) -> tuple[str, list[str], list[Any]]:
+        """The script call that releases. A run's own end tries a bare script first:
+        ``unlock.lua`` on a simple slot (two keys of :meth:`_keys`' layout), ``give.lua`` on
+        full slots when it carries no ticket (six keys a slot); else ``release.lua``."""
         keys, specs, index_at = self._keys(slots, who)
-        if unlock and mode == "normal" and self._simple(specs):
+        if lite and mode == "normal" and self._simple(specs):
             return ("unlock", [keys[0], keys[len(SLOT_ROLES)]],
                     [token, ticket, self.config.copy_ttl_ms, self._lease])
+        if lite and mode == "normal" and not ticket:
+            return ("give", [keys[j * len(SLOT_ROLES) + role] for j in range(len(slots))
+                             for role in GIVE_ROLES], [who, token])
         return ("release", keys, [mode, who, token, ticket, self._release_numbers(index_at),
                                   len(slots), *specs])
 
     def _released(self, call: tuple[str, list[str], list[Any]], reply: Any, mode: str,
                   slots: Sequence[Slot], who: str, token: str, ticket: str) -> int:
-        """Units freed, from a release's reply; ``unlock.lua``'s -1 (the slot is full: it
-        filled since the run took it) sends the release on to ``release.lua``."""
-        if call[0] == "unlock":
+        """Units freed, from a release's reply; a bare script's -1 (somebody waits, or the
+        slot is not as it expects) sends the release on to ``release.lua``, which it left
+        untouched."""
+        if call[0] in BARE:
             if int(reply) >= 0:
                 return int(reply)
-            reply = self.call(*self._release_call(mode, slots, who, token, ticket, unlock=False))
+            reply = self.call(*self._release_call(mode, slots, who, token, ticket, lite=False))
         self._wakes(reply[1], slots)
         return int(reply[0])
 

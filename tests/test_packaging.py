@@ -21,14 +21,15 @@ def test_typed_and_scripts_ship_with_the_package() -> None:
     files = resources.files("celery_ckeys")
     assert (files / "py.typed").is_file()
     scripts = [f for f in (files / "lua").iterdir() if f.name.endswith(".lua")]
-    assert {f.name for f in scripts} >= {"lib.lua", "acquire.lua", "release.lua", "renew.lua",
+    assert {f.name for f in scripts} >= {"core.lua", "lib.lua", "acquire.lua", "take.lua",
+                                         "release.lua", "give.lua", "unlock.lua", "renew.lua",
                                          "wait.lua", "sweep.lua", "fence.lua", "limit.lua"}
     for script in scripts:
         text = script.read_text()
         assert text.startswith(f"-- {script.name}:")
         header = "\n".join(line for line in text.splitlines() if line.startswith("--"))
         # every script states its contract; the library states the key roles they share
-        parts = ("KEYS", "roles") if script.name == "lib.lua" else ("KEYS", "ARGV", "Returns")
+        parts = ("KEYS", "roles") if script.name in ("core.lua", "lib.lua") else ("KEYS", "ARGV", "Returns")
         for part in parts:
             assert part in header, f"{script.name} does not state its {part}"
     # no Lua in Python: every script the store runs is one of these files

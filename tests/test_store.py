@@ -168,6 +168,29 @@ def test_releases_sent_together_free_idle_full_and_counting_slots(store: Store) 
     assert store.acquire(full, "w", token("w"), ticket="t1").ok, "the woken run could not claim"
 
 
+def test_counting_slots_past_the_uncontended_case_go_the_long_way(store: Store) -> None:
+    """take.lua counts a unit whose time ran out as taken, and give.lua leaves a slot that
+    somebody waits on, or that is no longer the run's, to the full scripts: nothing is
+    admitted past a limit, nobody in line is skipped, nobody else's unit is freed."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    s = slots(store, queue=ConcurrencyQueue("lq", 1), key="t")
+    units = Names.redis_key(s[0].tag, UNITS)
+    _, a = take(store, s, "a")
+    store.client.zadd(units, {"a": 1})  # a's lease ran out (score: an expiry long past)
+    ok, b = take(store, s, "b")
+    assert ok, "a unit whose lease ran out kept the slot from a fresh run"
+    assert store.release(s, "a", a) == 0, "a stale holder freed the unit of the run after it"
+    assert store.holders_of(s[0].tag) == ["b"]
+    assert store.acquire(s, "c", token("c"), new_ticket="tc", message="m").parked
+    store.set_queue_limit("lq", 2)  # room, and a run in line: it goes first
+    assert not take(store, s, "d")[0], "a fresh run passed the run in line"
+    # (the room made by a raised limit is handed out by the sweeper, or the next release)
+    assert store.acquire(s, "e", token("e"), new_ticket="te", message="m").parked
+    assert store.release(s, "b", b) == 1
+    assert [w.ticket for w in woken] == ["tc", "te"], "the release did not wake the line"
+
+
 def test_a_resumed_run_that_no_longer_needs_a_key_hands_its_reservation_to_the_line(
         store: Store) -> None:
     """I1 after a limit change: a parent reserved a unit of key K on resuming, a run parked

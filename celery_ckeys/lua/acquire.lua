@@ -19,8 +19,9 @@
 --       8 order in a line (first deferral, ms; 0: now; negative: already lowered by KEPT)
 --       9 "claim window ms,countdown ms,deferral memory ms,primary slot,index position"
 --       10 n   11.. one limit spec per slot (lib.lua resolve_limit)
--- An idle simple slot never gets here: the store takes it with a bare SET NX PX first
--- (docs/protocol.md section 3, invariant I1).
+-- The uncontended cases rarely get here: the store takes an idle simple slot with a bare SET
+-- NX PX (docs/protocol.md section 3, invariant I1) and free units of full slots with
+-- take.lua, and calls this script only when those fail.
 -- Returns, the last element always the wakes {j, "ticket\nmessage", ...} to publish:
 --   {1, "j1,j2", claimed, wakes}        admitted; the slots taken; 1 if it claimed a woken
 --                                       reservation (it was first in line), else 0
@@ -44,42 +45,6 @@ local resuming = mode == "resume" or mode == "reserve"
 
 now_ms()
 resolve_all(N, SPECS, not resuming)
-
--- The uncontended case on full slots (a counting slot, or several): a fresh delivery, and
--- on every slot it needs nobody in line, resuming, woken, parked or in wait_for, this run
--- holds nothing, and there is room. Then there is nothing to classify or hand out, and
--- pruning can wait: a unit whose time ran out still counts here, which only ever errs
--- towards the long way (docs/protocol.md section 6.1, "lite admission").
-if mode == "run" and ticket == "" then
-  local lite = true
-  for j = 1, N do
-    if USED[j] then
-      local n = redis.pcall("ZCOUNT", key(j, H), 0, "+inf") -- an error: a simple slot
-      if type(n) ~= "number" or n >= LIM[j]
-          or redis.call("EXISTS", key(j, P), key(j, R), key(j, M), key(j, V)) > 0
-          or redis.call("HEXISTS", key(j, I), who) == 1 then
-        lite = false
-        break
-      end
-    end
-  end
-  if lite then
-    local taken = {}
-    for j = 1, N do
-      if USED[j] then
-        redis.call("ZADD", key(j, H), NOW + lease, who)
-        redis.call("HSET", key(j, I), who, token, remember(j))
-        redis.call("PEXPIRE", key(j, H), lease)
-        redis.call("PEXPIRE", key(j, I), lease)
-        taken[#taken + 1] = tostring(j)
-      end
-    end
-    if primary > 0 then
-      redis.call("HDEL", key(primary, F), who)
-    end
-    return {1, table.concat(taken, ","), 0, {}}
-  end
-end
 
 -- What this run finds on each slot it needs.
 local C = {}

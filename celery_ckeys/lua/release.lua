@@ -1,5 +1,5 @@
 -- release.lua: give back what one run holds. docs/protocol.md section 6.2. The run's own end
--- on a simple slot goes through unlock.lua first.
+-- goes through unlock.lua (a simple slot) or give.lua (full slots, no ticket) first.
 --
 -- KEYS  as acquire.lua: nine role keys per slot, the n memo keys, the conf keys the specs
 --       name, the sweep index (its position is in ARGV[5]; 0 under Cluster).
@@ -27,36 +27,6 @@ local idx = at ~= "0" and KEYS[tonumber(at)] or ""
 N = tonumber(ARGV[6])
 local SPECS = 7
 local released = 0
-
--- The run's own end when nothing waits on any of its slots, and each slot either has its
--- unit or holds nothing at all (a slot its plan did not need): give the units back; nobody
--- is to be woken, so neither limits nor time are needed. A units key that empties is gone
--- with its last member; its info goes with it (settle's rule).
-if mode == "normal" and ticket == "" then
-  local mine = {}
-  for j = 1, N do
-    if redis.call("EXISTS", key(j, P), key(j, R), key(j, M), key(j, V)) > 0 then
-      mine = nil
-      break
-    end
-    if redis.call("HGET", key(j, I), who) == token then
-      mine[#mine + 1] = j
-    elseif redis.call("EXISTS", key(j, H)) == 1 then
-      mine = nil -- a simple slot, or a lease that ran out: the long way
-      break
-    end
-  end
-  if mine then
-    for _, j in ipairs(mine) do
-      redis.call("ZREM", key(j, H), who)
-      redis.call("HDEL", key(j, I), who, "n:" .. who)
-      if redis.call("EXISTS", key(j, H)) == 0 then
-        redis.call("DEL", key(j, I))
-      end
-    end
-    return {#mine, {}}
-  end
-end
 
 now_ms()
 resolve_all(N, SPECS, false)

@@ -1,0 +1,135 @@
+-- core.lua: the first part of the library every script shares: the named key roles, the
+-- server clock and the queue-limit rule. store.py prepends it to each script (but the bare
+-- ones: unlock.lua and give.lua), and lib.lua after it to every script that works on lines
+-- (all but take.lua and limit.lua); docs/protocol.md is the contract they follow.
+--
+-- Key roles: every slot j of a script passes nine keys, in this order (KEYS[9j-8..9j]):
+--   H  units     STRING (simple: one hold, value = its token, PX lease) or
+--                ZSET (full: task id -> expiry ms of its hold or reservation; and, score -1,
+--                a marker "\1"..task id for each run waiting in wait_for: not a unit, it only
+--                keeps the slot from looking idle to the fast path while that run lives)
+--   I  info      HASH task id -> hold token, "@w"..ticket (woken), "@h"..ticket (kept: a
+--                woken run that waits on a later slot of its plan keeps this unit) or
+--                "@r"..wait token (resuming); "#f" last fence; "#l" limit last resolved here;
+--                "#d" the declared limit of a queue slot ("" none), for the sweeper
+--   P  line      ZSET task id -> order (first deferral, ms)
+--   M  messages  HASH task id -> ticket.."\n"..message of a parked or woken run
+--   R  resume    ZSET task id -> when its child finished (resume order)
+--   W  waiting   ZSET task id -> lease expiry of a run blocked in wait_for
+--   V  waits     HASH task id -> wait token
+--   F  deferred  HASH task id -> countdown deferral record (JSON, for status)
+--   Q  wake      LIST pushed to when a unit is reserved for a resuming run
+-- plus, per slot, a memo STRING (KEYS[9n + j]): "done:"..ticket once a ticketed run ended.
+-- Tokens: a hold token is JSON [task id, host, pid, nonce, ticket, task, started, tags];
+-- a wait token is JSON [task id, host, pid, nonce, ticket]. Both carry the ticket 5th.
+
+local H, I, P, M, R, W, V, F, Q = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local ROLES = 9
+local NOW = 0 -- ms, server time; set by now_ms()
+local N = 0 -- slots in this call; the script sets it
+
+local function key(j, role)
+  return KEYS[(j - 1) * ROLES + role]
+end
+
+local function now_ms()
+  local t = redis.call("TIME")
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return NOW
+end
+
+-- The queue-limit rule (docs/protocol.md section 1; LimitSpec.resolve in limits.py is the
+-- same rule and a property test keeps them equal). A spec is
+--   "=N"                 a fixed limit N (a key mutex, the environment)
+--   "q|c|s|d|x|u"        a queue's limit: s (a trigger-time limit, recorded in conf
+--                        KEYS[c], c > 0, when write is true), else the recorded one, else d
+--                        (declared in code; "#" = the limit last resolved on slot j), capped
+--                        by x (the environment's base limit, also the default); when all
+--                        are empty the queue is unlimited, or limited to u when u is set
+--   "?k"                 needed (limit 1) only when slot k fell back to u
+--   "~"                  not needed: the line a woken copy comes from, which its plan no
+--                        longer names (the limit last resolved there, for refills)
+-- Returns the limit (nil: unlimited) and whether the fallback u applied.
+local DECL = {} -- slot j -> the declared part d of its queue spec ("" for none)
+local function resolve_limit(spec, j, write)
+  local fixed = string.match(spec, "^=(%d+)$")
+  if fixed then
+    return tonumber(fixed), false
+  end
+  local c, s, d, x, u = string.match(spec, "^q|(%d+)|(%d*)|([%d#]*)|(%d*)|(%d*)$")
+  if c == nil then
+    error("bad limit spec " .. spec)
+  end
+  local conf = c ~= "0" and KEYS[tonumber(c)] or nil
+  if d ~= "#" then
+    DECL[j] = d -- remembered on the slot ("#d") for the sweeper, which has no code at hand
+  end
+  local lim = tonumber(s)
+  if lim ~= nil then
+    if write and conf then
+      redis.call("HSET", conf, "limit", lim)
+    end
+  else
+    lim = conf and tonumber(redis.call("HGET", conf, "limit") or "") or nil
+    if lim == nil then
+      if d == "#" then
+        -- the declared limit remembered here, never the limit resolved from it: a recorded
+        -- limit that was cleared since must not live on in the sweeper (S1)
+        local remembered = redis.call("HGET", key(j, I), "#d")
+        if remembered then
+          lim = tonumber(remembered)
+        else -- a slot last written before "#d" existed
+          lim = tonumber(redis.call("HGET", key(j, I), "#l") or "")
+        end
+      else
+        lim = tonumber(d)
+      end
+    end
+  end
+  local cap = tonumber(x)
+  if lim == nil or (cap ~= nil and cap < lim) then
+    lim = cap
+  end
+  if lim == nil and u ~= "" then
+    return tonumber(u), true
+  end
+  return lim, false
+end
+
+-- Resolve every slot's spec; LIM[j] is the limit (false: unlimited), USED[j] whether the
+-- run needs slot j at all (a conditional key mutex is needed only after a fallback).
+local LIM, USED = {}, {}
+local function resolve_all(n, first_spec, write)
+  local fell = {}
+  for j = 1, n do
+    local spec = ARGV[first_spec + j - 1]
+    local k = string.match(spec, "^%?(%d+)$")
+    if spec == "~" then
+      LIM[j] = tonumber(redis.call("HGET", key(j, I), "#l") or "1")
+      USED[j] = false
+    elseif k then
+      LIM[j] = 1
+      USED[j] = "?" .. k
+    else
+      local lim, fallback = resolve_limit(spec, j, write)
+      LIM[j] = lim or false
+      USED[j] = lim ~= nil
+      fell[j] = fallback
+    end
+  end
+  for j = 1, n do
+    if type(USED[j]) == "string" then
+      USED[j] = fell[tonumber(string.sub(USED[j], 2))] == true
+    end
+  end
+end
+
+-- What slot j remembers of its limit for calls that do not have the run's spec (the
+-- sweeper, refills of a line no plan names): "#l" the limit resolved now, "#d" the
+-- declared part of a queue's spec. Returns HSET arguments.
+local function remember(j)
+  if DECL[j] then
+    return "#l", LIM[j], "#d", DECL[j]
+  end
+  return "#l", LIM[j]
+end
