@@ -64,9 +64,12 @@ def key_slot(names: Names, key: str, *, when_unlimited: Optional[int] = None) ->
 
 
 def queue_limit(config: CkeysConfig, queue: str, *, trigger: Optional[int] = None,
-                declared: Optional[int] = None, per_key: bool = False) -> LimitSpec:
+                declared: Optional[int] = None, key: Optional[str] = None) -> LimitSpec:
+    """A queue's limit; with ``key``, that of its partition (one run per key when the queue
+    has no limit; a limit recorded for the key alone goes first)."""
     return LimitSpec(queue=queue, trigger=trigger, declared=declared,
-                     cap=config.environment_limit, unlimited_as=1 if per_key else None)
+                     cap=config.environment_limit, unlimited_as=1 if key is not None else None,
+                     key=key)
 
 
 @lru_cache(maxsize=4096)
@@ -84,7 +87,7 @@ def plan_for(config: CkeysConfig, run: RunSpec) -> Optional[Plan]:
             slots.append(Slot(tag=names.partition(queue.name, run.key), kind="partition",
                               label=f"queue {queue.name} [{run.key}]",
                               limit=queue_limit(config, queue.name, trigger=trigger,
-                                                declared=declared, per_key=True),
+                                                declared=declared, key=run.key),
                               conf_tag=conf_tag))
             slots.append(key_slot(names, run.key, when_unlimited=1))
         else:
@@ -123,7 +126,8 @@ def slot_for_tag(config: CkeysConfig, names: Names, tag: str) -> Optional[Slot]:
         return Slot(tag=tag, kind="key", label=parsed.label, limit=LimitSpec(fixed=1))
     if parsed.kind in ("queue", "partition") and parsed.queue is not None:
         spec = LimitSpec(queue=parsed.queue, cap=config.environment_limit, remembered=True,
-                         unlimited_as=1 if parsed.kind == "partition" else None)
+                         unlimited_as=1 if parsed.kind == "partition" else None,
+                         key=parsed.key if parsed.kind == "partition" else None)
         return Slot(tag=tag, kind=parsed.kind, label=parsed.label, limit=spec,
                     conf_tag=names.queue(parsed.queue))
     return None

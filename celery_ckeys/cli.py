@@ -23,14 +23,15 @@ import click
 from celery.bin.base import CeleryCommand, handle_preload_options
 
 from . import introspect
-from .admission import queue_limit, slot_for_tag
+from . import limits as limits_api
+from .admission import slot_for_tag
 from .config import get_config
 from .errors import CkeysError
 from .introspect import SlotStatus, declared_limits
 from .naming import enc, parse_tag
 from .redaction import redact
 from .store import Store, owner_prefix
-from .validation import check_key, check_limit, check_queue_name
+from .validation import check_key, check_queue_name
 
 
 def _app(ctx: click.Context) -> Any:
@@ -213,21 +214,15 @@ def limits() -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def limits_get(ctx: click.Context, queues: tuple[str, ...], as_json: bool) -> None:
-    """The limit of each queue: recorded, declared in code, and the one that applies."""
+    """The limit of each queue: recorded, declared in code, and the one that applies; and
+    each key with a limit of its own."""
     app = _app(ctx)
     store = _store(ctx)
     config = store.config
-    declared = declared_limits(app)
     try:
-        recorded = store.recorded_limits()
-        names = list(queues) or sorted(set(declared) | set(recorded))
-        rows_data: list[dict[str, Any]] = []
-        for name in names:
-            check_queue_name(name)
-            rec = recorded.get(name)
-            applies, _ = queue_limit(config, name, declared=declared.get(name)).resolve(rec)
-            rows_data.append({"queue": name, "recorded": rec, "declared": declared.get(name),
-                              "effective": applies})
+        names = list(queues) or sorted(set(declared_limits(app)) | set(store.recorded_limits())
+                                       | set(store.queues_with_key_limits()))
+        rows_data = [limits_api.get_limits(app, name) for name in names]
     except CkeysError as exc:
         _fail(exc)
         return
@@ -244,6 +239,8 @@ def limits_get(ctx: click.Context, queues: tuple[str, ...], as_json: bool) -> No
     rows = [["QUEUE", "RECORDED", "DECLARED", "APPLIES"]]
     for r in rows_data:
         rows.append([r["queue"], _opt(r["recorded"]), _opt(r["declared"]), _opt(r["effective"])])
+        for key, own in r["keys"].items():
+            rows.append([f"  [{key}]", str(own["recorded"]), "-", _opt(own["effective"])])
     click.echo(_table(rows))
 
 
@@ -254,19 +251,22 @@ def _opt(value: Optional[int]) -> str:
 @limits.command(name="set", cls=CeleryCommand)
 @click.argument("queue")
 @click.argument("limit", type=int, required=False)
-@click.option("--clear", is_flag=True, help="forget the recorded limit (the declared one applies)")
+@click.option("--key", help="the limit of this key's partition alone (before the queue's)")
+@click.option("--clear", is_flag=True, help="forget the recorded limit (the next rule applies)")
 @click.pass_context
-def limits_set(ctx: click.Context, queue: str, limit: Optional[int], clear: bool) -> None:
-    """Record QUEUE's limit; it applies to runs that start from now on."""
-    store = _store(ctx)
+def limits_set(ctx: click.Context, queue: str, limit: Optional[int], key: Optional[str],
+               clear: bool) -> None:
+    """Record QUEUE's limit (or KEY's); it applies to runs that start from now on."""
+    app = _app(ctx)
+    if clear == (limit is not None):
+        raise click.UsageError("give either LIMIT or --clear")
     try:
-        check_queue_name(queue)
-        if clear == (limit is not None):
-            raise click.UsageError("give either LIMIT or --clear")
-        if limit is not None:
-            check_limit(limit)
-        store.set_queue_limit(queue, limit)
+        if limit is None:
+            limits_api.clear_limit(app, queue, key=key)
+        else:
+            limits_api.set_limit(app, queue, limit, key=key)
     except CkeysError as exc:
         _fail(exc)
         return
-    click.echo(f"queue {queue}: limit {'cleared' if clear else limit}")
+    what = f"queue {queue}" + (f" [{key}]" if key is not None else "")
+    click.echo(f"{what}: limit {'cleared' if clear else limit}")

@@ -29,24 +29,29 @@ class ClusterStore(Store):
     inline_index = False
 
     # -- limits, resolved on each queue's own tag --------------------------------------
-    def _recorded(self, slot: Slot, *, record: bool) -> Optional[int]:
+    def _recorded(self, slot: Slot, *, record: bool) -> tuple[Optional[int], Optional[int]]:
+        """The queue's limit (recorded, or the trigger-time one, recorded now when ``record``)
+        and the one recorded for the partition's key alone: one read of the queue's conf."""
         spec = slot.limit
         if spec.queue is None or slot.conf_tag is None:
-            return None
+            return None, None
         conf = Names.redis_key(slot.conf_tag, CONF)
+        got = self.guarded(lambda c: c.hmget(conf, "limit", f"key:{spec.key or ''}"))
+        own = int(got[1]) if got[1] is not None and spec.key is not None else None
         if spec.trigger is not None:
             if record:
                 self.guarded(lambda c: c.hset(conf, "limit", spec.trigger))
-            return spec.trigger
-        value = self.guarded(lambda c: c.hget(conf, "limit"))
-        return int(value) if value is not None else None
+            return spec.trigger, own
+        return (int(got[0]) if got[0] is not None else None), own
 
     def _localized(self, slot: Slot, *, record: bool) -> Slot:
-        """The slot with its queue's recorded limit folded in, so it needs no conf key."""
+        """The slot with its queue's recorded limits folded in, so it needs no conf key (a
+        key's own limit goes before the queue's, as a trigger-time limit does)."""
         spec = slot.limit
         if spec.fixed is not None:
             return slot
-        local = LimitSpec(trigger=self._recorded(slot, record=record), declared=spec.declared,
+        recorded, own = self._recorded(slot, record=record)
+        local = LimitSpec(trigger=own if own is not None else recorded, declared=spec.declared,
                           cap=spec.cap, unlimited_as=spec.unlimited_as, remembered=spec.remembered)
         return replace(slot, limit=local, conf_tag=None)
 
@@ -59,7 +64,8 @@ class ClusterStore(Store):
             elif slot.when_unlimited is not None:
                 resolved.append((1, False))
             else:
-                resolved.append(slot.limit.resolve(self._recorded(slot, record=record)))
+                recorded, own = self._recorded(slot, record=record)
+                resolved.append(slot.limit.resolve(recorded, override=own))
         steps = []
         for slot, (limit, _) in zip(slots, resolved):
             needed = limit is not None

@@ -26,6 +26,8 @@ class LimitSpec:
     ``remembered`` stands in for ``declared`` where the declaring code is not at hand (the
     sweeper): the declared limit the last run on the slot brought (``#d`` in its info hash;
     never the limit resolved from it, so a recorded limit cleared since does not live on).
+    ``key``: the partition's key. A limit recorded for that key alone (``key:<key>`` in the
+    queue's conf) goes before all of the above; the cap still applies.
     """
 
     fixed: Optional[int] = None
@@ -35,14 +37,18 @@ class LimitSpec:
     cap: Optional[int] = None
     unlimited_as: Optional[int] = None
     remembered: bool = False
+    key: Optional[str] = None
 
-    def resolve(self, recorded: Optional[int],
-                remembered: Optional[int] = None) -> tuple[Optional[int], bool]:
+    def resolve(self, recorded: Optional[int], remembered: Optional[int] = None,
+                override: Optional[int] = None) -> tuple[Optional[int], bool]:
         """``(limit, fell_back)``: the limit (``None``: unlimited), and whether ``unlimited_as``
-        applied. ``recorded`` is the queue's recorded limit (ignored when ``trigger`` is set)."""
+        applied. ``recorded`` is the queue's recorded limit (ignored when ``trigger`` is set),
+        ``override`` the one recorded for :attr:`key` (ignored without a key)."""
         if self.fixed is not None:
             return self.fixed, False
         limit = self.trigger if self.trigger is not None else recorded
+        if override is not None and self.key is not None:
+            limit = override
         if limit is None:
             limit = remembered if self.remembered else self.declared
         if limit is None or (self.cap is not None and self.cap < limit):
@@ -58,7 +64,7 @@ class LimitSpec:
             return f"={self.fixed}"
         declared = "#" if self.remembered else _opt(self.declared)
         return (f"q|{conf_position}|{_opt(self.trigger)}|{declared}|{_opt(self.cap)}"
-                f"|{_opt(self.unlimited_as)}")
+                f"|{_opt(self.unlimited_as)}|{self.key or ''}")
 
     def as_header(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v not in (None, False)}

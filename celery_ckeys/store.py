@@ -587,15 +587,40 @@ class Store:
         else:
             self.guarded(lambda c: c.hset(key, "limit", limit))
 
-    def recorded_limits(self) -> dict[str, int]:
-        """Every queue of the namespace with a recorded limit."""
-        found: dict[str, int] = {}
+    def key_limits(self, queue: str) -> dict[str, int]:
+        """The limits recorded for single keys of ``queue`` (``key:<key>`` in its conf)."""
+        conf = Names.redis_key(self.names.queue(queue), CONF)
+        fields = self.guarded(lambda c: c.hgetall(conf))
+        return {_text(f)[4:]: int(v) for f, v in fields.items() if _text(f).startswith("key:")}
+
+    def set_key_limit(self, queue: str, key: str, limit: Optional[int]) -> None:
+        """Record (``None``: forget) the limit of ``queue``'s partition for ``key`` alone."""
+        conf = Names.redis_key(self.names.queue(queue), CONF)
+        if limit is None:
+            self.guarded(lambda c: c.hdel(conf, f"key:{key}"))
+        else:
+            self.guarded(lambda c: c.hset(conf, f"key:{key}", limit))
+
+    def _conf_queues(self) -> list[str]:
+        """Every queue of the namespace with a conf HASH (some limit recorded)."""
+        found = []
         for tag, roles in self.scan_tags().items():
             parsed = self.names.parse(Names.redis_key(tag, CONF))
             if CONF in roles and parsed is not None and parsed[0].queue is not None:
-                limit = self.queue_limit(parsed[0].queue)
-                if limit is not None:
-                    found[parsed[0].queue] = limit
+                found.append(parsed[0].queue)
+        return found
+
+    def queues_with_key_limits(self) -> list[str]:
+        """Every queue of the namespace where some key has a limit of its own."""
+        return [queue for queue in self._conf_queues() if self.key_limits(queue)]
+
+    def recorded_limits(self) -> dict[str, int]:
+        """Every queue of the namespace with a recorded limit."""
+        found: dict[str, int] = {}
+        for queue in self._conf_queues():
+            limit = self.queue_limit(queue)
+            if limit is not None:
+                found[queue] = limit
         return found
 
     # -- the worker registry (WaitStarvation) ------------------------------------------------

@@ -10,6 +10,8 @@ from typing import Any
 
 from conftest import TESTS, Env, seed_holder, wait_until
 
+from celery_ckeys import ConcurrencyQueue
+
 
 def ckeys(env: Env, *args: str, input: str | None = None,
           check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -102,7 +104,8 @@ def test_limits_get_and_set(env: Env) -> None:
     assert declared["shared"]["effective"] == 2
     assert "queue reports: limit 5" in ckeys(env, "limits", "set", "reports", "5").stdout
     out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
-    assert out["queues"] == [{"queue": "reports", "recorded": 5, "declared": None, "effective": 5}]
+    assert out["queues"] == [{"queue": "reports", "recorded": 5, "declared": None, "effective": 5,
+                              "keys": {}}]
     table = ckeys(env, "limits", "get").stdout
     assert "reports" in table and "APPLIES" in table
     ckeys(env, "limits", "set", "reports", "--clear")
@@ -119,3 +122,31 @@ def test_a_limit_set_from_the_cli_applies_to_the_next_runs(env: Env) -> None:
     for r in [limited3.apply_async((["cli-limit"], 0.2)) for _ in range(5)]:
         r.get(timeout=60)
     assert env.max("cli-limit") == 1
+
+
+def test_a_key_limit_set_from_the_cli_applies_to_that_key_alone(env: Env) -> None:
+    """``limits set Q N --key K`` reaches running workers at the next admission: K's
+    partition runs N at once, other keys keep the queue's limit; ``--clear`` takes it back."""
+    env.workers(count=2, concurrency=4)
+    assert "queue tenants [acme]: limit 3" in ckeys(env, "limits", "set", "tenants", "3",
+                                                    "--key", "acme").stdout
+    work = env.app().tasks["ckt.work"]
+    queue = ConcurrencyQueue("tenants", limit=1)
+    runs = [work.apply_async((["t:acme"], 0.4), concurrency_queue=queue, concurrency_key="acme")
+            for _ in range(8)]
+    runs += [work.apply_async((["t:other"], 0.3), concurrency_queue=queue, concurrency_key="other")
+             for _ in range(3)]
+    for r in runs:
+        r.get(timeout=120)
+    assert env.max("t:acme") == 3
+    assert env.max("t:other") == 1
+    out = json.loads(ckeys(env, "limits", "get", "tenants", "--json").stdout)
+    assert out["queues"][0]["keys"] == {"acme": {"recorded": 3, "effective": 3}}
+    assert "[acme]" in ckeys(env, "limits", "get").stdout
+    ckeys(env, "limits", "set", "tenants", "--key", "acme", "--clear")
+    for r in [work.apply_async((["t:acme-after"], 0.2), concurrency_queue=queue,
+                               concurrency_key="acme") for _ in range(4)]:
+        r.get(timeout=120)
+    assert env.max("t:acme-after") == 1
+    bad = ckeys(env, "limits", "set", "tenants", "2", "--key", "", check=False)
+    assert bad.returncode != 0 and "key" in bad.stderr.lower()

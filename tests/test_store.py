@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from celery_ckeys.admission import RunSpec, plan_for
+from celery_ckeys.admission import RunSpec, plan_for, slot_for_tag
 from celery_ckeys.cluster import ClusterStore
 from celery_ckeys.config import from_conf
 from celery_ckeys.embedded import RedisServer
@@ -116,6 +116,32 @@ def test_partitions_each_get_the_full_limit(store: Store) -> None:
     for key in ("u1", "u2"):
         s = slots(store, queue=ConcurrencyQueue("pq", 2), key=key)
         assert [take(store, s, f"{key}-{o}")[0] for o in "abc"] == [True, True, False]
+
+
+def test_a_keys_own_limit_applies_to_its_partition_alone_and_to_the_sweeper(
+        store: Store) -> None:
+    """A limit recorded for one key goes before its queue's, at the next admission, for
+    that key's partition only; refills (a release, the sweeper) use it too, so lowering it
+    never lets a woken run past it, and raising it wakes the line."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    queue = ConcurrencyQueue("kq", 1)
+    acme, other = slots(store, queue=queue, key="acme"), slots(store, queue=queue, key="other")
+    store.set_key_limit("kq", "acme", 2)
+    assert store.key_limits("kq") == {"acme": 2}
+    (ok_a, a), (ok_b, b) = take(store, acme, "a"), take(store, acme, "b")
+    assert ok_a and ok_b, "the key's own limit of 2 did not apply"
+    assert [take(store, other, o)[0] for o in "xy"] == [True, False], "another key got it too"
+    assert store.acquire(acme, "c", token("c"), new_ticket="tc", message="m").parked
+    store.set_key_limit("kq", "acme", None)  # back to the queue's 1
+    assert store.release(acme, "a", a) == 1
+    assert woken == [], "a release refilled past the key's limit"
+    store.set_key_limit("kq", "acme", 3)
+    sweeper_view = slot_for_tag(store.config, store.names, acme[0].tag)
+    assert sweeper_view is not None
+    store.sweep(sweeper_view)
+    assert [w.ticket for w in woken] == ["tc"], "the sweeper did not use the key's limit"
+    assert store.release(acme, "b", b) == 1
 
 
 def test_a_limit_that_comes_and_goes_never_splits_a_key(store: Store) -> None:

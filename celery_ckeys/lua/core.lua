@@ -41,11 +41,14 @@ end
 -- The queue-limit rule (docs/protocol.md section 1; LimitSpec.resolve in limits.py is the
 -- same rule and a property test keeps them equal). A spec is
 --   "=N"                 a fixed limit N (a key mutex, the environment)
---   "q|c|s|d|x|u"        a queue's limit: s (a trigger-time limit, recorded in conf
---                        KEYS[c], c > 0, when write is true), else the recorded one, else d
---                        (declared in code; "#" = the limit last resolved on slot j), capped
---                        by x (the environment's base limit, also the default); when all
---                        are empty the queue is unlimited, or limited to u when u is set
+--   "q|c|s|d|x|u|k"      a queue's limit: the limit recorded for key k alone (a partition;
+--                        field "key:"..k of conf KEYS[c]), else s (a trigger-time limit,
+--                        recorded in conf KEYS[c], c > 0, when write is true), else the
+--                        recorded one, else d (declared in code; "#" = the limit last
+--                        resolved on slot j), capped by x (the environment's base limit, also
+--                        the default); when all are empty the queue is unlimited, or limited
+--                        to u when u is set. k is "" for a queue's own slot, and last, so it
+--                        may hold any character
 --   "?k"                 needed (limit 1) only when slot k fell back to u
 --   "~"                  not needed: the line a woken copy comes from, which its plan no
 --                        longer names (the limit last resolved there, for refills)
@@ -56,7 +59,7 @@ local function resolve_limit(spec, j, write)
   if fixed then
     return tonumber(fixed), false
   end
-  local c, s, d, x, u = string.match(spec, "^q|(%d+)|(%d*)|([%d#]*)|(%d*)|(%d*)$")
+  local c, s, d, x, u, k = string.match(spec, "^q|(%d+)|(%d*)|([%d#]*)|(%d*)|(%d*)|(.*)$")
   if c == nil then
     error("bad limit spec " .. spec)
   end
@@ -64,13 +67,18 @@ local function resolve_limit(spec, j, write)
   if d ~= "#" then
     DECL[j] = d -- remembered on the slot ("#d") for the sweeper, which has no code at hand
   end
+  local recorded, own = nil, nil -- one read of the queue's conf for both
+  if conf then
+    local got = redis.call("HMGET", conf, "limit", "key:" .. k)
+    recorded, own = tonumber(got[1] or ""), k ~= "" and tonumber(got[2] or "") or nil
+  end
   local lim = tonumber(s)
   if lim ~= nil then
     if write and conf then
       redis.call("HSET", conf, "limit", lim)
     end
   else
-    lim = conf and tonumber(redis.call("HGET", conf, "limit") or "") or nil
+    lim = recorded
     if lim == nil then
       if d == "#" then
         -- the declared limit remembered here, never the limit resolved from it: a recorded
@@ -85,6 +93,9 @@ local function resolve_limit(spec, j, write)
         lim = tonumber(d)
       end
     end
+  end
+  if own ~= nil then
+    lim = own
   end
   local cap = tonumber(x)
   if lim == nil or (cap ~= nil and cap < lim) then
