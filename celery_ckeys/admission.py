@@ -36,6 +36,8 @@ class RunSpec:
     queue_from_trigger: bool = False
     #: The limit the task declares for ``queue`` in code (used when nothing is recorded).
     declared_limit: Optional[int] = None
+    #: The total_limit the task declares for ``queue`` in code.
+    declared_total: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,14 @@ def env_slot(names: Names, config: CkeysConfig) -> Slot:
 def key_slot(names: Names, key: str, *, when_unlimited: Optional[int] = None) -> Slot:
     return Slot(tag=names.key(key), kind="key", label=f"key {key}", limit=LimitSpec(fixed=1),
                 when_unlimited=when_unlimited)
+
+
+def total_slot(names: Names, config: CkeysConfig, queue: str, *, trigger: Optional[int] = None,
+               declared: Optional[int] = None, remembered: bool = False) -> Slot:
+    return Slot(tag=names.total(queue), kind="total", label=f"queue {queue} (total)",
+                limit=LimitSpec(queue=queue, trigger=trigger, declared=declared,
+                                cap=config.environment_limit, total=True, remembered=remembered),
+                conf_tag=names.queue(queue))
 
 
 def queue_limit(config: CkeysConfig, queue: str, *, trigger: Optional[int] = None,
@@ -95,6 +105,13 @@ def plan_for(config: CkeysConfig, run: RunSpec) -> Optional[Plan]:
                               limit=queue_limit(config, queue.name, trigger=trigger,
                                                 declared=declared),
                               conf_tag=conf_tag))
+        # The whole queue, under its total_limit. Every plan of a queue has it, so that a
+        # total recorded from the CLI applies at once; with no total anywhere the scripts
+        # resolve it to "not needed" and take nothing there.
+        total = queue.total_limit if run.queue_from_trigger else None
+        declared_total = None if run.queue_from_trigger else (
+            run.declared_total if run.declared_total is not None else queue.total_limit)
+        slots.append(total_slot(names, config, queue.name, trigger=total, declared=declared_total))
     else:
         if run.key is not None:
             slots.append(key_slot(names, run.key))
@@ -124,6 +141,8 @@ def slot_for_tag(config: CkeysConfig, names: Names, tag: str) -> Optional[Slot]:
         return env_slot(names, config)
     if parsed.kind == "key":
         return Slot(tag=tag, kind="key", label=parsed.label, limit=LimitSpec(fixed=1))
+    if parsed.kind == "total" and parsed.queue is not None:
+        return total_slot(names, config, parsed.queue, remembered=True)
     if parsed.kind in ("queue", "partition") and parsed.queue is not None:
         spec = LimitSpec(queue=parsed.queue, cap=config.environment_limit, remembered=True,
                          unlimited_as=1 if parsed.kind == "partition" else None,

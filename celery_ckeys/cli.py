@@ -27,7 +27,7 @@ from . import limits as limits_api
 from .admission import slot_for_tag
 from .config import get_config
 from .errors import CkeysError
-from .introspect import SlotStatus, declared_limits
+from .introspect import SlotStatus, declared_queues
 from .naming import enc, parse_tag
 from .redaction import redact
 from .store import Store, owner_prefix
@@ -167,7 +167,7 @@ def release(ctx: click.Context, key: Optional[str], queue: Optional[str],
             if partition_key is not None:
                 tags = [names.partition(queue, check_key(partition_key))]
             else:
-                tags = [names.queue(queue), *_partitions_of(store, queue)]
+                tags = [names.queue(queue), names.total(queue), *_partitions_of(store, queue)]
         held = {t: store.holders_of(t) for t in tags}
     except CkeysError as exc:
         _fail(exc)
@@ -220,7 +220,7 @@ def limits_get(ctx: click.Context, queues: tuple[str, ...], as_json: bool) -> No
     store = _store(ctx)
     config = store.config
     try:
-        names = list(queues) or sorted(set(declared_limits(app)) | set(store.recorded_limits())
+        names = list(queues) or sorted(set(declared_queues(app)) | set(store.recorded_limits())
                                        | set(store.queues_with_key_limits()))
         rows_data = [limits_api.get_limits(app, name) for name in names]
     except CkeysError as exc:
@@ -239,6 +239,10 @@ def limits_get(ctx: click.Context, queues: tuple[str, ...], as_json: bool) -> No
     rows = [["QUEUE", "RECORDED", "DECLARED", "APPLIES"]]
     for r in rows_data:
         rows.append([r["queue"], _opt(r["recorded"]), _opt(r["declared"]), _opt(r["effective"])])
+        total = r["total"]
+        if total["effective"] is not None:
+            rows.append(["  (total)", _opt(total["recorded"]), _opt(total["declared"]),
+                         _opt(total["effective"])])
         for key, own in r["keys"].items():
             rows.append([f"  [{key}]", str(own["recorded"]), "-", _opt(own["effective"])])
     click.echo(_table(rows))
@@ -253,15 +257,27 @@ def _opt(value: Optional[int]) -> str:
 @click.argument("limit", type=int, required=False)
 @click.option("--key", help="the limit of this key's partition alone (before the queue's)")
 @click.option("--clear", is_flag=True, help="forget the recorded limit (the next rule applies)")
+@click.option("--total", type=int, help="the queue's total_limit: all its keys together")
+@click.option("--clear-total", is_flag=True, help="forget the recorded total_limit")
 @click.pass_context
 def limits_set(ctx: click.Context, queue: str, limit: Optional[int], key: Optional[str],
-               clear: bool) -> None:
-    """Record QUEUE's limit (or KEY's); it applies to runs that start from now on."""
+               clear: bool, total: Optional[int], clear_total: bool) -> None:
+    """Record QUEUE's limit (or KEY's), or its total; it applies to runs that start from now
+    on."""
     app = _app(ctx)
-    if clear == (limit is not None):
-        raise click.UsageError("give either LIMIT or --clear")
+    totals = total is not None or clear_total
+    if totals and (key is not None or (total is not None and clear_total)):
+        raise click.UsageError("--total and --clear-total take no --key, and not both")
+    if not totals and clear == (limit is not None):
+        raise click.UsageError("give either LIMIT or --clear (or --total N / --clear-total)")
+    if totals and (clear or limit is not None):
+        raise click.UsageError("set LIMIT and --total in two calls")
     try:
-        if limit is None:
+        if total is not None:
+            limits_api.set_total(app, queue, total)
+        elif clear_total:
+            limits_api.clear_total(app, queue)
+        elif limit is None:
             limits_api.clear_limit(app, queue, key=key)
         else:
             limits_api.set_limit(app, queue, limit, key=key)
@@ -269,4 +285,7 @@ def limits_set(ctx: click.Context, queue: str, limit: Optional[int], key: Option
         _fail(exc)
         return
     what = f"queue {queue}" + (f" [{key}]" if key is not None else "")
-    click.echo(f"{what}: limit {'cleared' if clear else limit}")
+    if totals:
+        click.echo(f"{what}: total limit {'cleared' if clear_total else total}")
+    else:
+        click.echo(f"{what}: limit {'cleared' if clear else limit}")

@@ -36,11 +36,11 @@ class ClusterStore(Store):
         if spec.queue is None or slot.conf_tag is None:
             return None, None
         conf = Names.redis_key(slot.conf_tag, CONF)
-        got = self.guarded(lambda c: c.hmget(conf, "limit", f"key:{spec.key or ''}"))
+        got = self.guarded(lambda c: c.hmget(conf, spec.conf_field, f"key:{spec.key or ''}"))
         own = int(got[1]) if got[1] is not None and spec.key is not None else None
         if spec.trigger is not None:
             if record:
-                self.guarded(lambda c: c.hset(conf, "limit", spec.trigger))
+                self.guarded(lambda c: c.hset(conf, spec.conf_field, spec.trigger))
             return spec.trigger, own
         return (int(got[0]) if got[0] is not None else None), own
 
@@ -52,7 +52,8 @@ class ClusterStore(Store):
             return slot
         recorded, own = self._recorded(slot, record=record)
         local = LimitSpec(trigger=own if own is not None else recorded, declared=spec.declared,
-                          cap=spec.cap, unlimited_as=spec.unlimited_as, remembered=spec.remembered)
+                          cap=spec.cap, unlimited_as=spec.unlimited_as, remembered=spec.remembered,
+                          total=spec.total)
         return replace(slot, limit=local, conf_tag=None)
 
     def _steps(self, slots: Sequence[Slot], *, record: bool) -> list[tuple[Slot, Slot]]:
@@ -77,7 +78,8 @@ class ClusterStore(Store):
                 if slot.limit.fixed is None and not slot.limit.remembered:
                     # a queue's limit, already resolved; the declared part goes along so that
                     # the slot remembers it ("#d") for the sweeper
-                    spec = LimitSpec(trigger=limit, declared=slot.limit.declared, cap=slot.limit.cap)
+                    spec = LimitSpec(trigger=limit, declared=slot.limit.declared, cap=slot.limit.cap,
+                                     total=slot.limit.total)
                 fixed = replace(slot, limit=spec, conf_tag=None, when_unlimited=None)
                 steps.append((fixed, slot))
         return steps

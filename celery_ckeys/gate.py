@@ -141,11 +141,11 @@ def run_spec(task: Any, headers: dict[str, Any], args: Any, kwargs: Any) -> RunS
     declared: Optional[ConcurrencyQueue] = getattr(task, "_ckeys_queue", None)
     if queue is None:
         queue = declared
-    declared_limit = None
+    declared_limit = declared_total = None
     if declared is not None and queue is not None and declared.name == queue.name:
-        declared_limit = declared.limit
-    return RunSpec(task_name=task.name, key=key, queue=queue,
-                   queue_from_trigger=from_trigger, declared_limit=declared_limit)
+        declared_limit, declared_total = declared.limit, declared.total_limit
+    return RunSpec(task_name=task.name, key=key, queue=queue, queue_from_trigger=from_trigger,
+                   declared_limit=declared_limit, declared_total=declared_total)
 
 
 def tags_of(headers: dict[str, Any]) -> list[str]:

@@ -15,12 +15,13 @@ the workers, so it works from any machine that reaches the coordination Redis. T
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 from .admission import slot_for_tag
 from .config import get_config
 from .naming import CONF, Tag, parse_tag
+from .queues import ConcurrencyQueue
 from .store import SlotState, Store, store_for
 
 
@@ -67,7 +68,7 @@ class Parked:
 
 @dataclass
 class SlotStatus:
-    kind: str  # "env" | "key" | "queue" | "partition"
+    kind: str  # "env" | "key" | "queue" | "partition" | "total"
     label: str
     queue: Optional[str]
     key: Optional[str]
@@ -93,13 +94,15 @@ class SlotStatus:
         return data
 
 
-def declared_limits(app: Any) -> dict[str, int]:
-    """Limits declared in code (``concurrency_limit``, ``ConcurrencyQueue(limit=)``), by queue."""
-    found: dict[str, int] = {}
+def declared_queues(app: Any) -> dict[str, ConcurrencyQueue]:
+    """Queues declared in code (``concurrency_limit``, ``ConcurrencyQueue(...)`` on a task),
+    by name; the first task that declares a queue with a limit or total decides."""
+    found: dict[str, ConcurrencyQueue] = {}
     for task in list(app.tasks.values()):
         queue = getattr(task, "_ckeys_queue", None)
-        if queue is not None and queue.limit is not None:
-            found.setdefault(queue.name, queue.limit)
+        if queue is not None and (queue.name not in found or (
+                found[queue.name].limit is None and found[queue.name].total_limit is None)):
+            found[queue.name] = queue
     return found
 
 
@@ -110,22 +113,22 @@ def status(app: Any, *, tag: Optional[str] = None, include_idle: bool = False) -
     ``include_idle`` also lists queues that only have a recorded limit.
     """
     store = store_for(get_config(app))
-    return collect(store, declared=declared_limits(app), tag=tag, include_idle=include_idle)
+    return collect(store, declared=declared_queues(app), tag=tag, include_idle=include_idle)
 
 
-def collect(store: Store, *, declared: Optional[dict[str, int]] = None, tag: Optional[str] = None,
-            include_idle: bool = False) -> list[SlotStatus]:
+def collect(store: Store, *, declared: Optional[dict[str, ConcurrencyQueue]] = None,
+            tag: Optional[str] = None, include_idle: bool = False) -> list[SlotStatus]:
     declared = declared or {}
     tags = store.scan_tags()
     recorded = store.recorded_limits()
     result: list[SlotStatus] = []
     for t in sorted(tags):
         parsed = parse_tag(t)
-        if parsed is None or parsed.kind not in ("env", "key", "queue", "partition"):
+        if parsed is None or parsed.kind not in ("env", "key", "queue", "partition", "total"):
             continue
         state = store.read_slot(t)
         slot = SlotStatus(kind=parsed.kind, label=parsed.label, queue=parsed.queue, key=parsed.key,
-                          limit=_limit_for(store, parsed, t, recorded, declared, state))
+                          limit=_limit_for(store, parsed, t, declared))
         _fill(store, slot, state)
         busy = slot.holders or slot.deferred or slot.waiting or slot.parked
         if not busy and not (include_idle and parsed.kind == "queue"
@@ -138,20 +141,18 @@ def collect(store: Store, *, declared: Optional[dict[str, int]] = None, tag: Opt
     return result
 
 
-def _limit_for(store: Store, tag: Tag, tag_string: str, recorded: dict[str, int],
-               declared: dict[str, int], state: SlotState) -> Optional[int]:
-    """The limit as admission resolves it (the one rule, LimitSpec.resolve)."""
+def _limit_for(store: Store, tag: Tag, tag_string: str,
+               declared: dict[str, ConcurrencyQueue]) -> Optional[int]:
+    """The limit as admission resolves it now (by the scripts' own rule: recorded limits of
+    the queue and of the key, declared ones from this app, else what the slot remembers)."""
     slot = slot_for_tag(store.config, store.names, tag_string)
     if slot is None:
         return None
-    spec = slot.limit
-    if tag.queue is not None and tag.queue in declared:
-        from dataclasses import replace
-
-        spec = replace(spec, declared=declared[tag.queue], remembered=False)
-    last = state.info.get("#d", state.info.get("#l"))
-    limit, _ = spec.resolve(recorded.get(tag.queue or ""), int(last) if last else None)
-    return limit
+    queue = declared.get(tag.queue or "")
+    if queue is not None:
+        value = queue.total_limit if slot.kind == "total" else queue.limit
+        slot = replace(slot, limit=replace(slot.limit, declared=value, remembered=False))
+    return store.resolve_limits([slot])[0]
 
 
 def _token(raw: Optional[str]) -> list[Any]:
@@ -239,7 +240,7 @@ class Explanation:
 def explain(app: Any, task_id: str) -> Explanation:
     """Why ``task_id`` is or is not running: which slot blocks it and who holds that slot."""
     store = store_for(get_config(app))
-    slots = collect(store, declared=declared_limits(app))
+    slots = collect(store, declared=declared_queues(app))
     by_label = {s.label: s for s in slots}
     held = [s.label for s in slots if any(h.task_id == task_id for h in s.holders)]
     if held:

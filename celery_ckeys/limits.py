@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .admission import queue_limit
-from .introspect import declared_limits
+from .admission import queue_limit, total_slot
+from .introspect import declared_queues
 from .validation import check_key, check_limit, check_queue_name
 
 
@@ -39,12 +39,27 @@ def clear_limit(app: Any, queue: str, *, key: Optional[str] = None) -> None:
         _store(app).set_key_limit(queue, check_key(key), None)
 
 
+def set_total(app: Any, queue: str, total: int) -> None:
+    """Record ``queue``'s total_limit: every key's partition and keyless run together."""
+    check_queue_name(queue)
+    check_limit(total, what=f"total_limit of queue {queue!r}")
+    _store(app).set_queue_limit(queue, total, field="total")
+
+
+def clear_total(app: Any, queue: str) -> None:
+    """Forget the recorded total_limit: the one declared in code applies, else none."""
+    check_queue_name(queue)
+    _store(app).set_queue_limit(queue, None, field="total")
+
+
 def get_limits(app: Any, queue: str) -> dict[str, Any]:
-    """``{"queue", "recorded", "declared", "effective", "keys": {key: {"recorded",
-    "effective"}}}``: what applies to ``queue`` now, and to each key with a limit of its own."""
+    """What applies to ``queue`` now: ``{"queue", "recorded", "declared", "effective",
+    "total": {"recorded", "declared", "effective"}, "keys": {key: {"recorded",
+    "effective"}}}`` (each key with a limit of its own)."""
     check_queue_name(queue)
     store = _store(app)
-    declared = declared_limits(app).get(queue)
+    code = declared_queues(app).get(queue)
+    declared = code.limit if code is not None else None
     recorded = store.queue_limit(queue)
     spec = queue_limit(store.config, queue, declared=declared)
     effective, _ = spec.resolve(recorded)
@@ -53,5 +68,10 @@ def get_limits(app: Any, queue: str) -> dict[str, Any]:
         applies, _ = queue_limit(store.config, queue, declared=declared, key=key).resolve(
             recorded, override=own)
         keys[key] = {"recorded": own, "effective": applies}
+    declared_total = code.total_limit if code is not None else None
+    recorded_total = store.queue_limit(queue, field="total")
+    total_spec = total_slot(store.names, store.config, queue, declared=declared_total).limit
+    total = {"recorded": recorded_total, "declared": declared_total,
+             "effective": total_spec.resolve(recorded_total)[0]}
     return {"queue": queue, "recorded": recorded, "declared": declared, "effective": effective,
-            "keys": keys}
+            "total": total, "keys": keys}

@@ -58,10 +58,12 @@ class Tag(NamedTuple):
             return f"queue {self.queue}"
         if self.kind == "partition":
             return f"queue {self.queue} [{self.key}]"
+        if self.kind == "total":
+            return f"queue {self.queue} (total)"
         return self.kind
 
 
-_KIND_CODES = {"env": "env", "k": "key", "q": "queue", "p": "partition"}
+_KIND_CODES = {"env": "env", "k": "key", "q": "queue", "p": "partition", "t": "total"}
 
 
 class Names:
@@ -83,6 +85,10 @@ class Names:
 
     def partition(self, queue: str, key: str) -> str:
         return f"{self.ns}|p|{enc(queue)}|{enc(key)}"
+
+    def total(self, queue: str) -> str:
+        """The whole of a queue with a ``total_limit``: every partition and keyless run."""
+        return f"{self.ns}|t|{enc(queue)}"
 
     def workers(self) -> str:
         return f"{self.ns}|workers"
@@ -124,7 +130,7 @@ def parse_tag(tag: str) -> Optional[Tag]:
     kind = _KIND_CODES.get(code, code)
     if kind == "key" and len(parts) == 3:
         return Tag(namespace, kind, key=unquote(parts[2]))
-    if kind == "queue" and len(parts) == 3:
+    if kind in ("queue", "total") and len(parts) == 3:
         return Tag(namespace, kind, queue=unquote(parts[2]))
     if kind == "partition" and len(parts) == 4:
         return Tag(namespace, kind, queue=unquote(parts[2]), key=unquote(parts[3]))

@@ -148,6 +148,8 @@ def queue_header(queue: Any) -> dict[str, Any]:
     header: dict[str, Any] = {"name": spec.name}
     if spec.limit is not None:
         header["limit"] = spec.limit
+    if spec.total_limit is not None:
+        header["total_limit"] = spec.total_limit
     return header
 
 

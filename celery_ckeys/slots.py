@@ -28,6 +28,9 @@ class LimitSpec:
     never the limit resolved from it, so a recorded limit cleared since does not live on).
     ``key``: the partition's key. A limit recorded for that key alone (``key:<key>`` in the
     queue's conf) goes before all of the above; the cap still applies.
+    ``total``: the slot is a queue's whole (its ``total_limit``): the same order of trigger,
+    recorded (``total`` in the conf) and declared, but the cap only caps: with none of them
+    the slot is not needed at all.
     """
 
     fixed: Optional[int] = None
@@ -38,6 +41,12 @@ class LimitSpec:
     unlimited_as: Optional[int] = None
     remembered: bool = False
     key: Optional[str] = None
+    total: bool = False
+
+    @property
+    def conf_field(self) -> str:
+        """The field of the queue's conf HASH where this slot's limit is recorded."""
+        return "total" if self.total else "limit"
 
     def resolve(self, recorded: Optional[int], remembered: Optional[int] = None,
                 override: Optional[int] = None) -> tuple[Optional[int], bool]:
@@ -51,6 +60,10 @@ class LimitSpec:
             limit = override
         if limit is None:
             limit = remembered if self.remembered else self.declared
+        if self.total:
+            if limit is not None and self.cap is not None and self.cap < limit:
+                limit = self.cap
+            return limit, False
         if limit is None or (self.cap is not None and self.cap < limit):
             limit = self.cap
         if limit is None and self.unlimited_as is not None:
@@ -63,6 +76,8 @@ class LimitSpec:
         if self.fixed is not None:
             return f"={self.fixed}"
         declared = "#" if self.remembered else _opt(self.declared)
+        if self.total:
+            return f"t|{conf_position}|{_opt(self.trigger)}|{declared}|{_opt(self.cap)}"
         return (f"q|{conf_position}|{_opt(self.trigger)}|{declared}|{_opt(self.cap)}"
                 f"|{_opt(self.unlimited_as)}|{self.key or ''}")
 
@@ -87,7 +102,7 @@ class Slot:
     """
 
     tag: str
-    kind: str  # "env" | "key" | "queue" | "partition"
+    kind: str  # "env" | "key" | "queue" | "partition" | "total"
     label: str
     limit: LimitSpec
     #: the tag of the queue whose conf HASH records its limit (queue and partition slots)

@@ -312,7 +312,7 @@ class Store:
         conf_at: dict[str, int] = {}
         for slot in slots:
             position = 0
-            if slot.conf_tag is not None:
+            if slot.conf_tag is not None and not slot.home_only:  # "~" reads no conf
                 if slot.conf_tag not in conf_at:
                     keys.append(Names.redis_key(slot.conf_tag, CONF))
                     conf_at[slot.conf_tag] = len(keys)
@@ -575,17 +575,19 @@ class Store:
         reply = self.call("limit", keys, ["1" if record else "0", len(slots), *specs])
         return [None if int(x) < 0 else int(x) for x in reply]
 
-    def queue_limit(self, queue: str) -> Optional[int]:
+    def queue_limit(self, queue: str, *, field: str = "limit") -> Optional[int]:
+        """The limit recorded for ``queue`` (``field="total"``: its total_limit)."""
         key = Names.redis_key(self.names.queue(queue), CONF)
-        value = self.guarded(lambda c: c.hget(key, "limit"))
+        value = self.guarded(lambda c: c.hget(key, field))
         return int(value) if value is not None else None
 
-    def set_queue_limit(self, queue: str, limit: Optional[int]) -> None:
+    def set_queue_limit(self, queue: str, limit: Optional[int], *, field: str = "limit") -> None:
+        """Record (``None``: forget) ``queue``'s limit (``field="total"``: its total_limit)."""
         key = Names.redis_key(self.names.queue(queue), CONF)
         if limit is None:
-            self.guarded(lambda c: c.hdel(key, "limit"))
+            self.guarded(lambda c: c.hdel(key, field))
         else:
-            self.guarded(lambda c: c.hset(key, "limit", limit))
+            self.guarded(lambda c: c.hset(key, field, limit))
 
     def key_limits(self, queue: str) -> dict[str, int]:
         """The limits recorded for single keys of ``queue`` (``key:<key>`` in its conf)."""

@@ -105,7 +105,17 @@ def test_limits_get_and_set(env: Env) -> None:
     assert "queue reports: limit 5" in ckeys(env, "limits", "set", "reports", "5").stdout
     out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
     assert out["queues"] == [{"queue": "reports", "recorded": 5, "declared": None, "effective": 5,
+                              "total": {"recorded": None, "declared": None, "effective": None},
                               "keys": {}}]
+    assert "total limit 7" in ckeys(env, "limits", "set", "reports", "--total", "7").stdout
+    out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
+    assert out["queues"][0]["total"]["effective"] == 7
+    assert "(total)" in ckeys(env, "limits", "get", "reports").stdout
+    ckeys(env, "limits", "set", "reports", "--clear-total")
+    out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
+    assert out["queues"][0]["total"]["recorded"] is None
+    mixed = ckeys(env, "limits", "set", "reports", "3", "--total", "7", check=False)
+    assert mixed.returncode != 0 and "two calls" in mixed.stderr
     table = ckeys(env, "limits", "get").stdout
     assert "reports" in table and "APPLIES" in table
     ckeys(env, "limits", "set", "reports", "--clear")

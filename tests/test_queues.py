@@ -82,6 +82,29 @@ def test_per_tenant_partitions(env: Env) -> None:
     assert outs[0]["slots"] == ["queue free-users [u1]"]
 
 
+def test_a_total_limit_caps_every_partition_of_a_queue_together(env: Env) -> None:
+    """{"name": "pool", "limit": 2, "total_limit": 3}, given at trigger time: each key's
+    partition reaches 2 and never 3; all keys and keyless runs together reach 3, never 4;
+    the total is recorded, so a later run naming only the queue keeps it."""
+    env.workers(count=2, concurrency=4)
+    work = env.app().tasks["ckt.work"]
+    pool = {"name": "pool", "limit": 2, "total_limit": 3}
+    runs = [work.apply_async(([f"pool:{key}", "pool:all"], 0.4), concurrency_queue=pool,
+                             concurrency_key=key) for _ in range(3) for key in ("t1", "t2", "t3")]
+    runs += [work.apply_async((["pool:nokey", "pool:all"], 0.4), concurrency_queue=pool)
+             for _ in range(3)]
+    outs = [r.get(timeout=120) for r in runs]
+    assert env.max("pool:all") == 3
+    assert max(env.max(f"pool:{key}") for key in ("t1", "t2", "t3")) == 2
+    assert outs[0]["slots"] == ["queue pool [t1]", "queue pool (total)"]
+    assert env.redis.hget(f"ckeys:{{{env.names.queue('pool')}}}:c", "total") == "3"
+    later = [work.apply_async((["pool:later"], 0.4), concurrency_queue="pool",
+                              concurrency_key=f"u{i}") for i in range(6)]
+    for r in later:
+        r.get(timeout=120)
+    assert env.max("pool:later") == 3
+
+
 def test_a_key_on_a_queue_without_any_limit_is_a_namespace_wide_mutex(env: Env) -> None:
     env.workers(count=1, concurrency=4)
     work = env.app().tasks["ckt.work"]
@@ -209,7 +232,8 @@ def test_status_lists_limits_holders_and_deferred_runs(env: Env) -> None:
 
 
 @pytest.mark.parametrize("bad", [{"name": "", "limit": 1}, {"name": "x" * 257}, {"name": "q", "limit": 0},
-                                 {"name": "q", "limit": "2"}, {"limit": 2}, 5, {"name": "q", "extra": 1}])
+                                 {"name": "q", "limit": "2"}, {"limit": 2}, 5, {"name": "q", "extra": 1},
+                                 {"name": "q", "limit": 2, "total_limit": 0}])
 def test_bad_queues_raise_value_error_before_publishing(env: Env, bad: object) -> None:
     work = env.app().tasks["ckt.work"]
     with pytest.raises(ValueError):

@@ -19,6 +19,7 @@ from celery_ckeys.admission import RunSpec, plan_for, slot_for_tag
 from celery_ckeys.cluster import ClusterStore
 from celery_ckeys.config import from_conf
 from celery_ckeys.embedded import RedisServer
+from celery_ckeys.introspect import collect
 from celery_ckeys.naming import UNITS, Names
 from celery_ckeys.queues import ConcurrencyQueue
 from celery_ckeys.store import Store, Wake, token_prefix
@@ -142,6 +143,31 @@ def test_a_keys_own_limit_applies_to_its_partition_alone_and_to_the_sweeper(
     store.sweep(sweeper_view)
     assert [w.ticket for w in woken] == ["tc"], "the sweeper did not use the key's limit"
     assert store.release(acme, "b", b) == 1
+
+
+def test_a_total_limit_caps_partitions_and_keyless_runs_all_or_nothing(store: Store) -> None:
+    """total 3 over partitions of limit 2 and the queue's keyless runs: the fourth run of any
+    kind is refused, and a refused run keeps no unit of its partition; a total recorded later
+    (the CLI) applies at the next admission, and clearing it lifts the cap."""
+    queue = ConcurrencyQueue("tq2", limit=2, total_limit=3)
+    a, b, free = (slots(store, queue=queue, key=k) for k in ("a", "b", "c"))
+    assert [take(store, a, f"a{i}")[0] for i in range(3)] == [True, True, False]
+    assert take(store, b, "b0")[0]
+    result = store.acquire(free, "c0", token("c0"))
+    assert result.status == "blocked" and result.blocked is not None
+    assert result.blocked.kind == "total" and result.limit == 3
+    assert store.holders_of(free[0].tag) == [], "a refused run kept its partition's unit"
+    keyless = slots(store, queue=queue)
+    assert not take(store, keyless, "n0")[0]
+    shown = {s.label: s for s in collect(store, declared={"tq2": queue})}
+    total_view = shown["queue tq2 (total)"]
+    assert total_view.limit == 3 and len(total_view.holders) == 3, "status hides the total"
+    store.set_queue_limit("tq2", 4, field="total")
+    assert take(store, keyless, "n0")[0] and not take(store, free, "c0")[0]
+    store.set_queue_limit("tq2", None, field="total")  # the declared 3 again
+    assert not take(store, free, "c0")[0]
+    unlimited = slots(store, queue=ConcurrencyQueue("tq2", limit=2))  # no total anywhere
+    assert take(store, unlimited, "u0")[0]
 
 
 def test_a_limit_that_comes_and_goes_never_splits_a_key(store: Store) -> None:

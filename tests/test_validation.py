@@ -148,6 +148,8 @@ def test_a_worker_with_a_bad_setting_refuses_to_start(env: Env) -> None:
 def test_bad_limits_raise_value_error(bad: object) -> None:
     with pytest.raises(ValueError, match="positive integer"):
         ConcurrencyQueue("q", limit=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="total_limit of queue 'q' must be a positive integer"):
+        ConcurrencyQueue("q", limit=2, total_limit=bad)  # type: ignore[arg-type]
     app = Celery("v", set_as_current=False)
     with pytest.raises(ValueError, match="positive integer"):
         @app.task(base=KeyedTask, concurrency_limit=bad, shared=False)

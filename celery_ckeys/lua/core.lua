@@ -49,15 +49,55 @@ end
 --                        the default); when all are empty the queue is unlimited, or limited
 --                        to u when u is set. k is "" for a queue's own slot, and last, so it
 --                        may hold any character
+--   "t|c|s|d|x"          a queue's total_limit: s (trigger time; recorded as "total" in conf
+--                        KEYS[c] when write is true), else the recorded "total", else d
+--                        (declared; "#" as above), capped by x; with none of them the slot
+--                        is not needed (nil), whatever x
 --   "?k"                 needed (limit 1) only when slot k fell back to u
 --   "~"                  not needed: the line a woken copy comes from, which its plan no
 --                        longer names (the limit last resolved there, for refills)
 -- Returns the limit (nil: unlimited) and whether the fallback u applied.
 local DECL = {} -- slot j -> the declared part d of its queue spec ("" for none)
+
+-- d of a queue spec: declared in code, or "#": the declared limit remembered on slot j, never
+-- the limit resolved from it (a recorded limit cleared since must not live on: S1)
+local function declared(j, d)
+  if d ~= "#" then
+    DECL[j] = d -- remembered on the slot ("#d") for the sweeper, which has no code at hand
+    return tonumber(d)
+  end
+  local remembered = redis.call("HGET", key(j, I), "#d")
+  if remembered then
+    return tonumber(remembered)
+  end
+  return tonumber(redis.call("HGET", key(j, I), "#l") or "") -- written before "#d" existed
+end
+
 local function resolve_limit(spec, j, write)
   local fixed = string.match(spec, "^=(%d+)$")
   if fixed then
     return tonumber(fixed), false
+  end
+  local tc, ts, td, tx = string.match(spec, "^t|(%d+)|(%d*)|([%d#]*)|(%d*)$")
+  if tc then
+    local conf = tc ~= "0" and KEYS[tonumber(tc)] or nil
+    local lim = tonumber(ts)
+    if lim ~= nil then
+      if write and conf then
+        redis.call("HSET", conf, "total", lim)
+      end
+    else
+      lim = conf and tonumber(redis.call("HGET", conf, "total") or "") or nil
+    end
+    local decl = declared(j, td) -- read even when unused: DECL must be remembered
+    if lim == nil then
+      lim = decl
+    end
+    local cap = tonumber(tx)
+    if lim ~= nil and cap ~= nil and cap < lim then
+      lim = cap
+    end
+    return lim, false
   end
   local c, s, d, x, u, k = string.match(spec, "^q|(%d+)|(%d*)|([%d#]*)|(%d*)|(%d*)|(.*)$")
   if c == nil then
@@ -65,7 +105,7 @@ local function resolve_limit(spec, j, write)
   end
   local conf = c ~= "0" and KEYS[tonumber(c)] or nil
   if d ~= "#" then
-    DECL[j] = d -- remembered on the slot ("#d") for the sweeper, which has no code at hand
+    DECL[j] = d
   end
   local recorded, own = nil, nil -- one read of the queue's conf for both
   if conf then
@@ -80,18 +120,7 @@ local function resolve_limit(spec, j, write)
   else
     lim = recorded
     if lim == nil then
-      if d == "#" then
-        -- the declared limit remembered here, never the limit resolved from it: a recorded
-        -- limit that was cleared since must not live on in the sweeper (S1)
-        local remembered = redis.call("HGET", key(j, I), "#d")
-        if remembered then
-          lim = tonumber(remembered)
-        else -- a slot last written before "#d" existed
-          lim = tonumber(redis.call("HGET", key(j, I), "#l") or "")
-        end
-      else
-        lim = tonumber(d)
-      end
+      lim = declared(j, d)
     end
   end
   if own ~= nil then
