@@ -5,6 +5,7 @@ against :class:`~celery_ckeys.store.Store` (one redis-server) and
 :class:`~celery_ckeys.cluster.ClusterStore` (a 3-master cluster): runs arrive, are
 duplicated (redelivery), park, get woken, start, renew, finish, retry, wait on children and
 resume, lose their process, lose their lease, get revoked, see limits change under them,
+see time pass (TTLs and expiry scores run out as Redis would let them),
 meet countdown and handoff workers side by side, and live through Redis forgetting its
 scripts. After every step it checks safety (section 8 of the protocol: S1 capacity,
 S2 exclusion, S3 one copy, S4 ownership); at the end of every example it stops the events,
@@ -101,8 +102,10 @@ class Protocol(RuleBasedStateMachine):
     url: str = ""
     cluster: bool = False
 
-    @initialize(env_limit=st.sampled_from([None, 2]), limit=st.sampled_from([None, 1, 2]))
-    def setup(self, env_limit: Optional[int], limit: Optional[int]) -> None:
+    @initialize(env_limit=st.sampled_from([None, 2]), limit=st.sampled_from([None, 1, 2]),
+                total=st.sampled_from([None, 1, 2]))
+    def setup(self, env_limit: Optional[int], limit: Optional[int],
+              total: Optional[int]) -> None:
         conf = {"ckeys_redis_url": self.url, "ckeys_lock_ttl": 60, "ckeys_retry_countdown": 1,
                 "ckeys_handoff_claim_timeout": 5, "ckeys_environment_limit": env_limit,
                 "ckeys_burst_factor": 1.0, "ckeys_redis_cluster": self.cluster}
@@ -114,7 +117,9 @@ class Protocol(RuleBasedStateMachine):
         self.runs: dict[str, Run] = {}
         self.broker: list[Msg] = []
         self.limits_seen: set[Optional[int]] = {limit}
+        self.totals_seen: set[Optional[int]] = {total}
         self.store.set_queue_limit("q", limit)
+        self.store.set_queue_limit("q", total, field="total")
         self.hosts = itertools.count()
         self.ops: list[str] = []
         self.hour = 0  # the model's clock, in copy lives (ckeys_handoff_copy_ttl)
@@ -236,7 +241,8 @@ class Protocol(RuleBasedStateMachine):
 
     def slot_tags(self) -> list[str]:
         return [t for t in self.store.scan_tags()
-                if (p := parse_tag(t)) is not None and p.kind in ("env", "key", "queue", "partition")]
+                if (p := parse_tag(t)) is not None
+                and p.kind in ("env", "key", "queue", "partition", "total")]
 
     def in_redis(self, run: Run) -> bool:
         return any(run.id in self.store.read_slot(tag).messages for tag in self.slot_tags())
@@ -426,6 +432,20 @@ class Protocol(RuleBasedStateMachine):
         self.limits_seen.add(limit)
         self.note(f"limit q = {limit}")
 
+    @rule(key=st.sampled_from(KEYS), limit=st.sampled_from([None, 1, 3]))
+    def change_key_limit(self, key: str, limit: Optional[int]) -> None:
+        """celery ckeys limits set q N --key K / --clear: that partition's own limit."""
+        self.store.set_key_limit("q", key, limit)
+        self.limits_seen.add(limit)
+        self.note(f"limit q[{key}] = {limit}")
+
+    @rule(total=st.sampled_from([None, 1, 2]))
+    def change_total(self, total: Optional[int]) -> None:
+        """celery ckeys limits set q --total N / --clear-total: every run of q together."""
+        self.store.set_queue_limit("q", total, field="total")
+        self.totals_seen.add(total)
+        self.note(f"total q = {total}")
+
     @rule()
     def claim_windows_pass(self) -> None:
         """Time passes: every woken run's claim window is over (the sweeper wakes it again)."""
@@ -490,6 +510,37 @@ class Protocol(RuleBasedStateMachine):
         self.broker.append(Msg(run.id, execution.ticket, born=execution.born))
         self.note(f"host of {run.id} dies")
 
+    @rule(ms=st.sampled_from([20_000, 35_000]))
+    def time_passes(self, ms: int) -> None:
+        """Heartbeats renew every live hold and wait, then ``ms`` pass without a script call:
+        every key's TTL and every expiry score (units, waits, the sweep index) moves closer,
+        and whatever was not renewed (a stale hold, a woken run's claim window, a dead host's
+        wait) runs out for real, as Redis would let it."""
+        for run in self.runs.values():
+            held = run.running
+            if held is not None and not held.stale and held.slots:
+                (count,) = self.store.renew_many([(held.slots, run.id, held.token, "hold")])
+                assert count == len(held.slots), f"live run {run.id} could not renew"
+            if run.waiting is not None and run.wait_token:
+                self.store.renew_many([(run.waiting.slots, run.id, run.wait_token, "wait")])
+        client = self.store.client
+        for raw in list(client.scan_iter(match=f"ckeys:{{{self.names.ns}|*", count=1000)):
+            name = raw.decode() if isinstance(raw, bytes) else raw
+            role = name.rsplit("}:", 1)[1]
+            if client.type(name) in (b"zset", "zset") and (
+                    role in ("h", "w") or (role == "i" and "|lines}" in name)):
+                scores = client.zrange(name, 0, -1, withscores=True)
+                moved = {m: max(1.0, sc - ms) for m, sc in scores if sc > 0}
+                if moved:
+                    client.zadd(name, moved, xx=True)
+            ttl = client.pttl(name)
+            if ttl > 0:
+                if ttl <= ms:
+                    client.delete(name)
+                else:
+                    client.pexpire(name, ttl - ms)
+        self.note(f"{ms} ms pass")
+
     @rule()
     def redis_forgets_its_scripts(self) -> None:
         """A Redis restart (AOF keeps the data): every script must be loaded again."""
@@ -526,6 +577,10 @@ class Protocol(RuleBasedStateMachine):
             assert parsed is not None
             if parsed[0].kind == "key":
                 assert len(holders) <= 1, f"two runs hold key {parsed[0].key}: {holders}"
+            elif parsed[0].kind == "total":
+                if None not in self.totals_seen:
+                    top_total = max(t for t in self.totals_seen if t is not None)
+                    assert len(holders) <= top_total, f"{tag} is over its total: {holders}"
             elif parsed[0].kind == "env" or parsed[0].queue == "t":
                 # the environment, and the task's implicit queue (capped by the environment)
                 assert len(holders) <= 2, f"{tag} is over its limit: {holders}"
