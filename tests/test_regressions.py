@@ -330,7 +330,7 @@ def test_the_sweeper_never_wakes_runs_up_to_a_recorded_limit_cleared_since(
     store, woken = stores
     plan = plan_for(store.config, RunSpec("t", queue=ConcurrencyQueue("q", 2)))
     assert plan is not None
-    (slot,) = plan.slots
+    slot = plan.slots[0]  # the queue (its total slot, unused, follows)
     store.set_queue_limit("q", 5)
     holds = {f"H{i}": token(f"H{i}") for i in range(1, 6)}
     for who, tok in holds.items():

@@ -170,6 +170,29 @@ def test_a_total_limit_caps_partitions_and_keyless_runs_all_or_nothing(store: St
     assert take(store, unlimited, "u0")[0]
 
 
+def test_a_run_whose_code_knows_no_total_never_refills_past_it(store: Store) -> None:
+    """Task x declares total_limit=1 for queue Q, task y names Q without one. A y run
+    revoked before it started (forfeit) or lost goes through every slot of its plan, the
+    total included; its script must not re-wake or refill the total's line as if it had no
+    limit (y's code does not know it): only one x run may then hold the total."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    x = slots(store, queue=ConcurrencyQueue("Q", limit=5, total_limit=1))
+    y = slots(store, queue=ConcurrencyQueue("Q", limit=5))
+    total_units = Names.redis_key(store.names.total("Q"), UNITS)
+    _, a = take(store, x, "x1")
+    for w in ("x2", "x3"):
+        assert store.acquire(x, w, token(w), new_ticket=f"t{w}", message="m").parked
+    store.release(x, "x1", a)
+    assert [w.ticket for w in woken] == ["tx2"]
+    store.client.zadd(total_units, {"x2": 1}, xx=True)  # x2's claim window ran out
+    store.forfeit(y, "y1", "")
+    store.release_lost(y, "y2", '["y2","host",7,')
+    claims = [store.acquire(x, w, token(w, ticket=f"t{w}"), ticket=f"t{w}",
+                            home=store.names.total("Q")).ok for w in ("x2", "x3")]
+    assert claims.count(True) <= 1, f"two runs hold a total of 1: {claims}, woken {woken}"
+
+
 def test_a_limit_that_comes_and_goes_never_splits_a_key(store: Store) -> None:
     """Finding 8: with no limit the key's runs take the partition (limit 1) and the key
     mutex; with one they take the partition: either way they meet in the partition."""

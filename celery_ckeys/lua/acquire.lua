@@ -70,7 +70,7 @@ for j = 1, N do
           -- its stay ran (or runs): a unit still woken for it anywhere is stale
           for k = 1, N do
             load(k)
-            unclaim(k, who, ticket, LIM[k], window, idx)
+            unclaim(k, who, ticket, refill_limit(k), window, idx)
           end
         end
         settle_all(lease)
@@ -88,7 +88,7 @@ if not resuming then
   for j = 1, N do
     if not USED[j] then
       load(j)
-      unclaim(j, who, ticket, LIM[j], window, idx)
+      unclaim(j, who, ticket, refill_limit(j), window, idx)
     end
   end
 end

@@ -164,6 +164,19 @@ local function resolve_all(n, first_spec, write)
   end
 end
 
+-- The limit up to which this call may hand out units of slot j (refill, re-wake, resume
+-- reservations): the one resolved for this run when it needs the slot. A slot it does not
+-- need resolved to "none" for this run's code, which says nothing of the slot (another
+-- task of the queue may declare a limit or a total this one does not): the limit last
+-- resolved there, else none at all. The sweeper, which resolves with what the slot
+-- remembers, hands out the rest (S1 before liveness).
+local function refill_limit(j)
+  if USED[j] then
+    return LIM[j]
+  end
+  return tonumber(redis.call("HGET", key(j, I), "#l") or "") or 0
+end
+
 -- What slot j remembers of its limit for calls that do not have the run's spec (the
 -- sweeper, refills of a line no plan names): "#l" the limit resolved now, "#d" the
 -- declared part of a queue's spec. Returns HSET arguments.

@@ -33,7 +33,7 @@ resolve_all(N, SPECS, false)
 
 for j = 1, N do
   load(j)
-  local lim = LIM[j] or false
+  local lim = refill_limit(j)
   prune(j, lim, window, idx)
   local i = key(j, I)
   local info = redis.call("HGET", i, who)

@@ -24,7 +24,7 @@ resolve_all(N, SPECS, false)
 
 for j = 1, N do
   load(j)
-  local lim = LIM[j] or false
+  local lim = refill_limit(j)
   prune(j, lim, window, idx)
   if op == "enter" then
     if redis.call("HGET", key(j, I), who) == token then
