@@ -165,6 +165,13 @@ class ClusterStore(Store):
                                        token, ticket)
                     else:
                         self.release([slot], who, token)
+                if ticket:
+                    # a unit kept or woken for this stay on a slot not visited yet (later in
+                    # the plan than the one that blocks) goes back too: keeping it while
+                    # waiting on an earlier slot is the cycle the ordering rule forbids
+                    for j in order[order.index(i) + 1:]:
+                        Store._release(self, "unclaim", [self._localized(steps[j][1], record=False)],
+                                       who, "", ticket)
                 return replace(result, blocked=original if result.blocked else None)
             claimed_home = claimed_home or (i == at_home and result.claimed)
             taken.append((i, original))

@@ -193,6 +193,51 @@ def test_a_run_whose_code_knows_no_total_never_refills_past_it(store: Store) -> 
     assert claims.count(True) <= 1, f"two runs hold a total of 1: {claims}, woken {woken}"
 
 
+def test_a_woken_run_blocked_early_in_its_plan_keeps_nothing_after_it(store: Store) -> None:
+    """The ordering rule with three slots (partition, total, environment): B, woken at the
+    environment, finds its partition full. It must not keep the total unit it was given
+    before while it waits at the partition, or B and C (which keeps the partition and waits
+    at the total) wait for each other until a lease runs out (ClusterStore did)."""
+    env = with_conf(store, ckeys_environment_limit=2, ckeys_burst_factor=1.0)
+    woken: list[Wake] = []
+    env.on_wakes = woken.extend
+    queue = ConcurrencyQueue("Q", limit=1, total_limit=1)
+    pk, pk2 = slots(env, queue=queue, key="K"), slots(env, queue=queue, key="K2")
+    other_plan = plan_for(env.config, RunSpec(task_name="z"))  # the environment, and its queue
+    assert other_plan is not None
+    other = other_plan.slots
+    order = [s.tag for s in pk if s.kind != "key"]  # the key mutex: not needed (limit 1)
+
+    def run(s: Any, who: str, **kw: Any) -> tuple[Any, str]:
+        tok = token(who, ticket=kw.get("ticket", ""))
+        return env.acquire(s, who, tok, message="m", new_ticket=f"t{who}", **kw), tok
+
+    def woken_at(who: str) -> str:  # "" when not woken (one script call may admit instead)
+        return next((w.tag for w in reversed(woken) if w.ticket == f"t{who}"), "")
+
+    d = run(pk, "D")[1]
+    run(pk, "B"), run(pk, "C")
+    env.release(pk, "D", d)  # B is woken at the partition
+    w = run(pk2, "W")[1]  # W takes the total
+    run(pk, "B", ticket="tB", home=woken_at("B"))  # keeps the partition, waits at the total
+    z1 = run(other, "Z1")[1]
+    env.release(pk2, "W", w)  # B is woken at the total
+    z2 = run(other, "Z2")[1]  # the environment is full
+    assert woken_at("B") == order[1]
+    run(pk, "B", ticket="tB", home=order[1])
+    if woken_at("C") == pk[0].tag:
+        run(pk, "C", ticket="tC", home=pk[0].tag)
+    env.release(other, "Z1", z1)
+    if woken_at("B") == order[-1]:
+        run(pk, "B", ticket="tB", home=order[-1])
+    for who in ("B", "C"):
+        kept = [order.index(t) for t in order if env.read_slot(t).info.get(who, "").startswith("@h")]
+        waits = [order.index(t) for t in order if who in dict(env.read_slot(t).line)]
+        assert not kept or not waits or max(kept) < min(waits), (
+            f"{who} keeps a unit of slot {max(kept)} while it waits at slot {min(waits)}")
+    env.release(other, "Z2", z2)
+
+
 def test_a_limit_that_comes_and_goes_never_splits_a_key(store: Store) -> None:
     """Finding 8: with no limit the key's runs take the partition (limit 1) and the key
     mutex; with one they take the partition: either way they meet in the partition."""
