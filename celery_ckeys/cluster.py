@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
-from .naming import CONF, Names
+from .naming import CONF, INFO, Names
 from .slots import LimitSpec, Slot
 from .store import AcquireResult, Store
 
@@ -44,6 +44,16 @@ class ClusterStore(Store):
             return spec.trigger, own
         return (int(got[0]) if got[0] is not None else None), own
 
+    def _remembered(self, slot: Slot) -> Optional[int]:
+        """The declared limit the slot remembers (``#d``, else ``#l``), for a spec that stands
+        in for code that is not at hand (status, explain), as core.lua reads it."""
+        if not slot.limit.remembered:
+            return None
+        info = Names.redis_key(slot.tag, INFO)
+        got = self.guarded(lambda c: c.hmget(info, "#d", "#l"))
+        value = got[0] if got[0] is not None else got[1]
+        return int(value) if value not in (None, b"", "") else None
+
     def _localized(self, slot: Slot, *, record: bool) -> Slot:
         """The slot with its queue's recorded limits folded in, so it needs no conf key (a
         key's own limit goes before the queue's, as a trigger-time limit does)."""
@@ -66,7 +76,8 @@ class ClusterStore(Store):
                 resolved.append((1, False))
             else:
                 recorded, own = self._recorded(slot, record=record)
-                resolved.append(slot.limit.resolve(recorded, override=own))
+                resolved.append(slot.limit.resolve(recorded, self._remembered(slot),
+                                                   override=own))
         steps = []
         for slot, (limit, _) in zip(slots, resolved):
             needed = limit is not None

@@ -162,6 +162,9 @@ def test_a_total_limit_caps_partitions_and_keyless_runs_all_or_nothing(store: St
     shown = {s.label: s for s in collect(store, declared={"tq2": queue})}
     total_view = shown["queue tq2 (total)"]
     assert total_view.limit == 3 and len(total_view.holders) == 3, "status hides the total"
+    # the CLI on a machine without the task modules: what the slots remember
+    remembered = {s.label: s.limit for s in collect(store)}
+    assert remembered["queue tq2 (total)"] == 3 and remembered["queue tq2 [a]"] == 2
     store.set_queue_limit("tq2", 4, field="total")
     assert take(store, keyless, "n0")[0] and not take(store, free, "c0")[0]
     store.set_queue_limit("tq2", None, field="total")  # the declared 3 again
