@@ -173,7 +173,8 @@ def quick() -> None:
                         " check was written: SET NX PX, EVALSHA unlock.lua and its GETDEL)")
     if both["added_commands"] > 30:
         problems.append(f"partition + environment adds {both['added_commands']:.2f} commands"
-                        " (29 when this check was written: take.lua and give.lua)")
+                        " (29 when this check was written: take.lua and give.lua; the total"
+                        " slot's conf field is read with the partition's)")
     for r in (key_only, both):
         if r["added_round_trips"] > 2.01:
             problems.append(f"{r['added_round_trips']:.2f} round trips per run (limit 2)")

@@ -58,6 +58,7 @@ end
 --                        longer names (the limit last resolved there, for refills)
 -- Returns the limit (nil: unlimited) and whether the fallback u applied.
 local DECL = {} -- slot j -> the declared part d of its queue spec ("" for none)
+local RECORDED_TOTAL = {} -- conf key -> its "total" field (false: none), read once a call
 
 -- d of a queue spec: declared in code, or "#": the declared limit remembered on slot j, never
 -- the limit resolved from it (a recorded limit cleared since must not live on: S1)
@@ -87,7 +88,10 @@ local function resolve_limit(spec, j, write)
         redis.call("HSET", conf, "total", lim)
       end
     else
-      lim = conf and tonumber(redis.call("HGET", conf, "total") or "") or nil
+      if conf and RECORDED_TOTAL[conf] == nil then
+        RECORDED_TOTAL[conf] = redis.call("HGET", conf, "total") or false
+      end
+      lim = conf and tonumber(RECORDED_TOTAL[conf] or "") or nil
     end
     local decl = declared(j, td) -- read even when unused: DECL must be remembered
     if lim == nil then
@@ -109,8 +113,9 @@ local function resolve_limit(spec, j, write)
   end
   local recorded, own = nil, nil -- one read of the queue's conf for both
   if conf then
-    local got = redis.call("HMGET", conf, "limit", "key:" .. k)
+    local got = redis.call("HMGET", conf, "limit", "key:" .. k, "total")
     recorded, own = tonumber(got[1] or ""), k ~= "" and tonumber(got[2] or "") or nil
+    RECORDED_TOTAL[conf] = got[3] or false -- the total slot comes later in the plan
   end
   local lim = tonumber(s)
   if lim ~= nil then
