@@ -29,20 +29,29 @@ class ClusterStore(Store):
     inline_index = False
 
     # -- limits, resolved on each queue's own tag --------------------------------------
-    def _recorded(self, slot: Slot, *, record: bool) -> tuple[Optional[int], Optional[int]]:
+    def _recorded(self, slot: Slot, *, record: bool,
+                  seen: Optional[dict[str, dict[str, Any]]] = None
+                  ) -> tuple[Optional[int], Optional[int]]:
         """The queue's limit (recorded, or the trigger-time one, recorded now when ``record``)
-        and the one recorded for the partition's key alone: one read of the queue's conf."""
+        and the one recorded for the partition's key alone. ``seen`` keeps the conf reads of
+        one admission: its partition and total slots share one read of the queue's conf."""
         spec = slot.limit
         if spec.queue is None or slot.conf_tag is None:
             return None, None
         conf = Names.redis_key(slot.conf_tag, CONF)
-        got = self.guarded(lambda c: c.hmget(conf, spec.conf_field, f"key:{spec.key or ''}"))
-        own = int(got[1]) if got[1] is not None and spec.key is not None else None
+        seen = {} if seen is None else seen
+        own_field = f"key:{spec.key}" if spec.key is not None else None
+        if conf not in seen or (own_field is not None and own_field not in seen[conf]):
+            fields = ["limit", "total"] + ([own_field] if own_field is not None else [])
+            seen[conf] = dict(zip(fields, self.guarded(lambda c: c.hmget(conf, *fields))))
+        got = seen[conf]
+        own = int(got[own_field]) if own_field is not None and got[own_field] is not None else None
         if spec.trigger is not None:
             if record:
                 self.guarded(lambda c: c.hset(conf, spec.conf_field, spec.trigger))
             return spec.trigger, own
-        return (int(got[0]) if got[0] is not None else None), own
+        value = got[spec.conf_field]
+        return (int(value) if value is not None else None), own
 
     def _remembered(self, slot: Slot) -> Optional[int]:
         """The declared limit the slot remembers (``#d``, else ``#l``), for a spec that stands
@@ -69,13 +78,14 @@ class ClusterStore(Store):
     def _steps(self, slots: Sequence[Slot], *, record: bool) -> list[tuple[Slot, Slot]]:
         """``(fixed-limit slot, the plan's slot)`` for every slot the run needs, in order."""
         resolved: list[tuple[Optional[int], bool]] = []
+        seen: dict[str, dict[str, Any]] = {}
         for slot in slots:
             if slot.home_only:
                 resolved.append((None, False))
             elif slot.when_unlimited is not None:
                 resolved.append((1, False))
             else:
-                recorded, own = self._recorded(slot, record=record)
+                recorded, own = self._recorded(slot, record=record, seen=seen)
                 resolved.append(slot.limit.resolve(recorded, self._remembered(slot),
                                                    override=own))
         steps = []
