@@ -74,6 +74,27 @@ local function declared(j, d)
   return tonumber(redis.call("HGET", key(j, I), "#l") or "") -- written before "#d" existed
 end
 
+-- s of a spec: a trigger-time limit, recorded as field of conf from then on when write is true
+local function triggered(conf, field, s, write)
+  local lim = tonumber(s)
+  if lim ~= nil and write and conf then
+    redis.call("HSET", conf, field, lim)
+  end
+  return lim
+end
+
+-- The total_limit recorded in conf (nil: none), read once a call: a partition's read of the
+-- same conf, earlier in the plan, brings it along
+local function recorded_total(conf)
+  if not conf then
+    return nil
+  end
+  if RECORDED_TOTAL[conf] == nil then
+    RECORDED_TOTAL[conf] = redis.call("HGET", conf, "total") or false
+  end
+  return tonumber(RECORDED_TOTAL[conf] or "")
+end
+
 local function resolve_limit(spec, j, write)
   local fixed = string.match(spec, "^=(%d+)$")
   if fixed then
@@ -82,21 +103,8 @@ local function resolve_limit(spec, j, write)
   local tc, ts, td, tx = string.match(spec, "^t|(%d+)|(%d*)|([%d#]*)|(%d*)$")
   if tc then
     local conf = tc ~= "0" and KEYS[tonumber(tc)] or nil
-    local lim = tonumber(ts)
-    if lim ~= nil then
-      if write and conf then
-        redis.call("HSET", conf, "total", lim)
-      end
-    else
-      if conf and RECORDED_TOTAL[conf] == nil then
-        RECORDED_TOTAL[conf] = redis.call("HGET", conf, "total") or false
-      end
-      lim = conf and tonumber(RECORDED_TOTAL[conf] or "") or nil
-    end
-    local decl = declared(j, td) -- read even when unused: DECL must be remembered
-    if lim == nil then
-      lim = decl
-    end
+    local decl = declared(j, td)
+    local lim = triggered(conf, "total", ts, write) or recorded_total(conf) or decl
     local cap = tonumber(tx)
     if lim ~= nil and cap ~= nil and cap < lim then
       lim = cap
@@ -108,29 +116,15 @@ local function resolve_limit(spec, j, write)
     error("bad limit spec " .. spec)
   end
   local conf = c ~= "0" and KEYS[tonumber(c)] or nil
-  if d ~= "#" then
-    DECL[j] = d
-  end
   local recorded, own = nil, nil -- one read of the queue's conf for both
   if conf then
     local got = redis.call("HMGET", conf, "limit", "key:" .. k, "total")
     recorded, own = tonumber(got[1] or ""), k ~= "" and tonumber(got[2] or "") or nil
     RECORDED_TOTAL[conf] = got[3] or false -- the total slot comes later in the plan
   end
-  local lim = tonumber(s)
-  if lim ~= nil then
-    if write and conf then
-      redis.call("HSET", conf, "limit", lim)
-    end
-  else
-    lim = recorded
-    if lim == nil then
-      lim = declared(j, d)
-    end
-  end
-  if own ~= nil then
-    lim = own
-  end
+  local decl = declared(j, d)
+  local given = triggered(conf, "limit", s, write) -- recorded even when the key's own applies
+  local lim = own or given or recorded or decl
   local cap = tonumber(x)
   if lim == nil or (cap ~= nil and cap < lim) then
     lim = cap
