@@ -22,7 +22,7 @@ from typing import Optional
 from .config import CkeysConfig
 from .naming import Names
 from .queues import ConcurrencyQueue
-from .slots import LimitSpec, Slot
+from .slots import LimitSpec, Place, Slot
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class RunSpec:
     declared_limit: Optional[int] = None
     #: The total_limit the task declares for ``queue`` in code.
     declared_total: Optional[int] = None
+    #: The limit the queue's callable (in code) computes for ``key``'s partition.
+    computed_limit: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,16 @@ class Plan:
     slots: tuple[Slot, ...]
     #: 1-based index of the slot that identifies the run (where deferrals are recorded).
     primary: int = 1
+    #: Whose turn a run is in a fair line: its key ("" none), the weight its queue declares
+    #: for it, and the queue whose conf may record a weight for it.
+    key: str = ""
+    weight: Optional[int] = None
+    weight_conf: Optional[str] = None
+
+    def place(self, order_ms: int, priority: int) -> Place:
+        """Where the run goes when it parks (slots.Place)."""
+        return Place(order_ms=order_ms, priority=priority, key=self.key, weight=self.weight,
+                     weight_conf=self.weight_conf)
 
     @property
     def primary_slot(self) -> Slot:
@@ -74,12 +86,13 @@ def total_slot(names: Names, config: CkeysConfig, queue: str, *, trigger: Option
 
 
 def queue_limit(config: CkeysConfig, queue: str, *, trigger: Optional[int] = None,
-                declared: Optional[int] = None, key: Optional[str] = None) -> LimitSpec:
+                declared: Optional[int] = None, key: Optional[str] = None,
+                computed: Optional[int] = None) -> LimitSpec:
     """A queue's limit; with ``key``, that of its partition (one run per key when the queue
-    has no limit; a limit recorded for the key alone goes first)."""
+    has no limit; a limit recorded for the key alone goes first, then ``computed``)."""
     return LimitSpec(queue=queue, trigger=trigger, declared=declared,
                      cap=config.environment_limit, unlimited_as=1 if key is not None else None,
-                     key=key)
+                     key=key, computed=computed)
 
 
 @lru_cache(maxsize=4096)
@@ -89,15 +102,16 @@ def plan_for(config: CkeysConfig, run: RunSpec) -> Optional[Plan]:
     slots: list[Slot] = []
     queue = run.queue
     if queue is not None:
-        trigger = queue.limit if run.queue_from_trigger else None
+        trigger = queue.fixed_limit if run.queue_from_trigger else None
         declared = None if run.queue_from_trigger else (
-            run.declared_limit if run.declared_limit is not None else queue.limit)
+            run.declared_limit if run.declared_limit is not None else queue.fixed_limit)
         conf_tag = names.queue(queue.name)
         if run.key is not None:
             slots.append(Slot(tag=names.partition(queue.name, run.key), kind="partition",
                               label=f"queue {queue.name} [{run.key}]",
                               limit=queue_limit(config, queue.name, trigger=trigger,
-                                                declared=declared, key=run.key),
+                                                declared=declared, key=run.key,
+                                                computed=run.computed_limit),
                               conf_tag=conf_tag))
             slots.append(key_slot(names, run.key, when_unlimited=1))
         else:
@@ -124,7 +138,9 @@ def plan_for(config: CkeysConfig, run: RunSpec) -> Optional[Plan]:
         slots.append(env_slot(names, config))
     if not slots:
         return None
-    return Plan(slots=tuple(slots))
+    return Plan(slots=tuple(slots), key=run.key or "",
+                weight=queue.weight_of(run.key) if queue is not None else None,
+                weight_conf=names.queue(queue.name) if queue is not None else None)
 
 
 def slot_for_tag(config: CkeysConfig, names: Names, tag: str) -> Optional[Slot]:

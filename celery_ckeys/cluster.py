@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 from .naming import CONF, INFO, Names
-from .slots import LimitSpec, Slot
+from .slots import LimitSpec, Place, Slot
 from .store import AcquireResult, Store
 
 
@@ -53,15 +53,19 @@ class ClusterStore(Store):
         value = got[spec.conf_field]
         return (int(value) if value is not None else None), own
 
-    def _remembered(self, slot: Slot) -> Optional[int]:
-        """The declared limit the slot remembers (``#d``, else ``#l``), for a spec that stands
-        in for code that is not at hand (status, explain), as core.lua reads it."""
+    def _remembered(self, slot: Slot) -> tuple[Optional[int], Optional[int]]:
+        """The declared (``#d``, else ``#l``) and computed (``#o``) limits the slot remembers,
+        for a spec that stands in for code not at hand (the sweeper, status), as core.lua
+        reads them."""
         if not slot.limit.remembered:
-            return None
+            return None, None
         info = Names.redis_key(slot.tag, INFO)
-        got = self.guarded(lambda c: c.hmget(info, "#d", "#l"))
+        got = self.guarded(lambda c: c.hmget(info, "#d", "#l", "#o"))
         value = got[0] if got[0] is not None else got[1]
-        return int(value) if value not in (None, b"", "") else None
+
+        def number(raw: Any) -> Optional[int]:
+            return int(raw) if raw not in (None, b"", "") else None
+        return number(value), number(got[2])
 
     def _localized(self, slot: Slot, *, record: bool) -> Slot:
         """The slot with its queue's recorded limits folded in, so it needs no conf key (a
@@ -70,9 +74,11 @@ class ClusterStore(Store):
         if spec.fixed is not None:
             return slot
         recorded, own = self._recorded(slot, record=record)
+        # a key's own limit goes before a computed one (noted, not used, then), which goes
+        # before a recorded one
         local = LimitSpec(trigger=own if own is not None else recorded, declared=spec.declared,
                           cap=spec.cap, unlimited_as=spec.unlimited_as, remembered=spec.remembered,
-                          total=spec.total)
+                          total=spec.total, computed=spec.computed, computed_noted=own is not None)
         return replace(slot, limit=local, conf_tag=None)
 
     def _steps(self, slots: Sequence[Slot], *, record: bool) -> list[tuple[Slot, Slot]]:
@@ -86,8 +92,9 @@ class ClusterStore(Store):
                 resolved.append((1, False))
             else:
                 recorded, own = self._recorded(slot, record=record, seen=seen)
-                resolved.append(slot.limit.resolve(recorded, self._remembered(slot),
-                                                   override=own))
+                declared, computed = self._remembered(slot)
+                resolved.append(slot.limit.resolve(recorded, declared, override=own,
+                                                   remembered_computed=computed))
         steps = []
         for slot, (limit, _) in zip(slots, resolved):
             needed = limit is not None
@@ -100,7 +107,8 @@ class ClusterStore(Store):
                     # a queue's limit, already resolved; the declared part goes along so that
                     # the slot remembers it ("#d") for the sweeper
                     spec = LimitSpec(trigger=limit, declared=slot.limit.declared, cap=slot.limit.cap,
-                                     total=slot.limit.total)
+                                     total=slot.limit.total, computed=slot.limit.computed,
+                                     computed_noted=True)
                 fixed = replace(slot, limit=spec, conf_tag=None, when_unlimited=None)
                 steps.append((fixed, slot))
         return steps
@@ -112,10 +120,12 @@ class ClusterStore(Store):
 
     # -- admission, one slot per call ----------------------------------------------------
     def acquire(self, slots: Sequence[Slot], who: str, token: str, *, mode: str = "run",
-                ticket: str = "", new_ticket: str = "", message: str = "", order_ms: int = 0,
-                primary: int = 1, home: Optional[str] = None) -> AcquireResult:
+                ticket: str = "", new_ticket: str = "", message: str = "",
+                place: Optional[Place] = None, primary: int = 1,
+                home: Optional[str] = None) -> AcquireResult:
         result = self._admit(slots, who, token, mode=mode, ticket=ticket, new_ticket=new_ticket,
-                             message=message, order_ms=order_ms, home=home)
+                             message=message, place=self._weighed(place or Place(), message),
+                             home=home)
         # the unit woken for this copy on a line its plan does not need (any more) goes back,
         # as in acquire.lua (unless the copy stood aside: the run is in line elsewhere)
         if home and ticket and result.status != "needs_message" and result.why != "parked":
@@ -126,13 +136,26 @@ class ClusterStore(Store):
                                ticket)
         return result
 
+    def _weighed(self, place: Place, message: str) -> Place:
+        """The place with the weight recorded for its key folded in (the conf is on a tag of
+        its own), read only when the run may park."""
+        if place.weight_conf is None:
+            return place
+        weight = None
+        if message not in ("", "?"):
+            conf = Names.redis_key(place.weight_conf, CONF)
+            got = self.guarded(lambda c: c.hget(conf, f"weight:{place.key}"))
+            weight = int(got) if got is not None else None
+        return replace(place, weight=weight if weight is not None else place.weight,
+                       weight_conf=None)
+
     def _admit(self, slots: Sequence[Slot], who: str, token: str, *, mode: str, ticket: str,
-               new_ticket: str, message: str, order_ms: int, home: Optional[str]) -> AcquireResult:
+               new_ticket: str, message: str, place: Place, home: Optional[str]) -> AcquireResult:
         steps = self._steps(slots, record=mode == "run")
         if mode != "resume":
             return self._steps_in_order(steps, who, token, mode=mode, ticket=ticket,
                                         new_ticket=new_ticket, message=message,
-                                        order_ms=order_ms, home=home)
+                                        place=place, home=home)
         # first make sure every slot has a unit reserved for the run; claim only then
         for i, (fixed, original) in enumerate(steps):
             self.note_line(original.tag)  # the sweeper drops its place if the waiter dies
@@ -143,7 +166,7 @@ class ClusterStore(Store):
                     Store._release(self, "unreserve", [later], who, ticket, "")
                 return replace(reserved, blocked=original)
         result = self._steps_in_order(steps, who, token, mode=mode, ticket=ticket,
-                                      new_ticket="", message="", order_ms=0, home=None)
+                                      new_ticket="", message="", place=Place(), home=None)
         if result.ok:
             # a slot it waited on that it no longer needs (a limit came meanwhile): its wait
             # there ends, as in acquire.lua (its wait token is the prefix of what to free)
@@ -154,7 +177,7 @@ class ClusterStore(Store):
         return result
 
     def _steps_in_order(self, steps: list[tuple[Slot, Slot]], who: str, token: str, *, mode: str,
-                        ticket: str, new_ticket: str, message: str, order_ms: int,
+                        ticket: str, new_ticket: str, message: str, place: Place,
                         home: Optional[str]) -> AcquireResult:
         # A woken copy visits its home line first (where its reservation is), then the rest in
         # plan order; blocked later in the plan it keeps its home unit and waits with priority,
@@ -170,16 +193,16 @@ class ClusterStore(Store):
             fixed, original = steps[i]
             if message not in ("", "?"):
                 self.note_line(original.tag)
-            priority = claimed_home and at_home is not None and i > at_home
+            keeps_home = claimed_home and at_home is not None and i > at_home
             step_mode = "claimed" if mode == "run" and claimed_home else mode
             result = Store.acquire(self, [fixed], who, token, mode=step_mode, ticket=ticket,
                                    new_ticket=new_ticket, message=message,
-                                   order_ms=(order_ms or self.now_ms()) - int(1e13) if priority
-                                   else order_ms, primary=1)
+                                   place=replace(place, kept=True) if keeps_home else place,
+                                   primary=1)
             if not result.ok:
                 # a home unit claimed before a later full slot stays kept, whether the run
                 # parks now or is asked for its message first (it claims "@h" then)
-                keep = priority and (result.parked or result.status == "needs_message")
+                keep = keeps_home and (result.parked or result.status == "needs_message")
                 for j, slot in taken:
                     if keep and j == at_home:
                         Store._release(self, "keep", [self._localized(slot, record=False)], who,

@@ -40,6 +40,10 @@ class InvalidConcurrencyLimit(CkeysError, ValueError):
     """A limit that is not a positive integer."""
 
 
+class InvalidConcurrencyPriority(CkeysError, ValueError):
+    """A ``concurrency_priority`` that is not an ``int`` from -1000 to 1000."""
+
+
 class InvalidTags(CkeysError, ValueError):
     """Tags that are not a list of at most 10 strings of at most 128 characters."""
 

@@ -39,6 +39,7 @@ from .publish import (
     ALL_HEADERS,
     HEADER_FIRST_DEFERRED,
     HEADER_KEY,
+    HEADER_PRIORITY,
     HEADER_QUEUE,
     HEADER_RESUME,
     HEADER_TAGS,
@@ -52,7 +53,7 @@ from .publish import (
 from .queues import ConcurrencyQueue, coerce_queue
 from .slots import Slot
 from .store import AcquireResult, Store, store_for, token_prefix
-from .validation import check_key, check_tags
+from .validation import check_key, check_priority, check_tags
 
 acquire_log = logging.getLogger("celery_ckeys.acquire")
 defer_log = logging.getLogger("celery_ckeys.defer")
@@ -141,11 +142,26 @@ def run_spec(task: Any, headers: dict[str, Any], args: Any, kwargs: Any) -> RunS
     declared: Optional[ConcurrencyQueue] = getattr(task, "_ckeys_queue", None)
     if queue is None:
         queue = declared
-    declared_limit = declared_total = None
+    declared_limit = declared_total = computed = None
     if declared is not None and queue is not None and declared.name == queue.name:
-        declared_limit, declared_total = declared.limit, declared.total_limit
+        declared_limit, declared_total = declared.fixed_limit, declared.total_limit
+        if key is not None:
+            computed = declared.limit_for(key)
     return RunSpec(task_name=task.name, key=key, queue=queue, queue_from_trigger=from_trigger,
-                   declared_limit=declared_limit, declared_total=declared_total)
+                   declared_limit=declared_limit, declared_total=declared_total,
+                   computed_limit=computed)
+
+
+def priority_of(headers: dict[str, Any]) -> int:
+    """The run's priority in a line (0 when none was given)."""
+    raw = headers.get(HEADER_PRIORITY)
+    if raw is None:
+        return 0
+    try:
+        return check_priority(raw)
+    except CkeysError as exc:
+        raise MalformedHeader(f"run arrived with an invalid '{HEADER_PRIORITY}' header: {exc}",
+                              header=HEADER_PRIORITY, value=raw) from None
 
 
 def tags_of(headers: dict[str, Any]) -> list[str]:
@@ -279,9 +295,11 @@ def admit(task: Any, request: Any, store: Store, plan: Plan, headers: dict[str, 
     order_ms = int(float(first) * 1000) if isinstance(first, (int, float)) else 0
     new_ticket = ticket or uuid.uuid4().hex[:16]
 
+    place = plan.place(order_ms, priority_of(headers))
+
     def attempt(message: str) -> AcquireResult:
         return store.acquire(slots, request.id, token, ticket=ticket, new_ticket=new_ticket,
-                             message=message, order_ms=order_ms, primary=plan.primary, home=home)
+                             message=message, place=place, primary=plan.primary, home=home)
     try:
         # a copy woken from a line goes back to a line whatever this worker's deferral (its
         # run is then always in Redis, and its copies may expire: protocol.md section 5)

@@ -150,8 +150,11 @@ def _limit_for(store: Store, tag: Tag, tag_string: str,
         return None
     queue = declared.get(tag.queue or "")
     if queue is not None:
-        value = queue.total_limit if slot.kind == "total" else queue.limit
-        slot = replace(slot, limit=replace(slot.limit, declared=value, remembered=False))
+        value = queue.total_limit if slot.kind == "total" else queue.fixed_limit
+        computed = (queue.limit_for(tag.key) if slot.kind == "partition" and tag.key is not None
+                    else None)
+        slot = replace(slot, limit=replace(slot.limit, declared=value, computed=computed,
+                                           remembered=False))
     return store.resolve_limits([slot])[0]
 
 

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from .admission import queue_limit, total_slot
 from .introspect import declared_queues
-from .validation import check_key, check_limit, check_queue_name
+from .validation import check_key, check_limit, check_queue_name, check_weight
 
 
 def _store(app: Any) -> Any:
@@ -52,26 +52,47 @@ def clear_total(app: Any, queue: str) -> None:
     _store(app).set_queue_limit(queue, None, field="total")
 
 
+def set_weight(app: Any, queue: str, key: str, weight: int) -> None:
+    """Record ``key``'s weight in ``queue``'s fair lines (its total, the environment): it gets
+    ``weight`` turns a round. Goes before a weight declared in code."""
+    check_queue_name(queue)
+    _store(app).set_key_limit(queue, check_key(key), check_weight(weight, key=key), what="weight")
+
+
+def clear_weight(app: Any, queue: str, key: str) -> None:
+    """Forget ``key``'s recorded weight: the one declared in code applies, else 1."""
+    check_queue_name(queue)
+    _store(app).set_key_limit(queue, check_key(key), None, what="weight")
+
+
 def get_limits(app: Any, queue: str) -> dict[str, Any]:
     """What applies to ``queue`` now: ``{"queue", "recorded", "declared", "effective",
-    "total": {"recorded", "declared", "effective"}, "keys": {key: {"recorded",
-    "effective"}}}`` (each key with a limit of its own)."""
+    "total": {"recorded", "declared", "effective"}, "computed": bool, "keys": {key:
+    {"recorded", "effective"}}, "weights": {key: {"recorded", "declared", "effective"}}}``
+    (each key with a limit or a weight of its own)."""
     check_queue_name(queue)
     store = _store(app)
     code = declared_queues(app).get(queue)
-    declared = code.limit if code is not None else None
+    declared = code.fixed_limit if code is not None else None
     recorded = store.queue_limit(queue)
     spec = queue_limit(store.config, queue, declared=declared)
     effective, _ = spec.resolve(recorded)
     keys = {}
     for key, own in sorted(store.key_limits(queue).items()):
-        applies, _ = queue_limit(store.config, queue, declared=declared, key=key).resolve(
-            recorded, override=own)
+        computed = code.limit_for(key) if code is not None else None
+        applies, _ = queue_limit(store.config, queue, declared=declared, key=key,
+                                 computed=computed).resolve(recorded, override=own)
         keys[key] = {"recorded": own, "effective": applies}
+    recorded_weights = store.key_limits(queue, what="weight")
+    declared_weights = dict(code.weights or {}) if code is not None else {}
+    weights = {key: {"recorded": recorded_weights.get(key), "declared": declared_weights.get(key),
+                     "effective": recorded_weights.get(key, declared_weights.get(key, 1))}
+               for key in sorted(set(recorded_weights) | set(declared_weights))}
     declared_total = code.total_limit if code is not None else None
     recorded_total = store.queue_limit(queue, field="total")
     total_spec = total_slot(store.names, store.config, queue, declared=declared_total).limit
     total = {"recorded": recorded_total, "declared": declared_total,
              "effective": total_spec.resolve(recorded_total)[0]}
     return {"queue": queue, "recorded": recorded, "declared": declared, "effective": effective,
-            "total": total, "keys": keys}
+            "total": total, "computed": code is not None and code.computed, "keys": keys,
+            "weights": weights}

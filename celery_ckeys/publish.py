@@ -11,12 +11,13 @@ import functools
 import inspect
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from .errors import InvalidConcurrencyKey
-from .queues import coerce_queue
-from .validation import check_key, check_tags
+from .errors import InvalidConcurrencyKey, InvalidConcurrencyQueue
+from .queues import ConcurrencyQueue, coerce_queue
+from .validation import check_key, check_priority, check_tags
 
 HEADER_KEY = "concurrency_key"
 HEADER_QUEUE = "concurrency_queue"
+HEADER_PRIORITY = "concurrency_priority"
 HEADER_TAGS = "ckeys_tags"
 HEADER_DEFERRALS = "ckeys_deferrals"
 HEADER_FIRST_DEFERRED = "ckeys_first_deferred"
@@ -29,7 +30,8 @@ HEADER_RESUME = "ckeys_resume"
 #: request once the run is admitted).
 PER_STAY = (HEADER_TICKET, HEADER_DEFERRALS, HEADER_FIRST_DEFERRED)
 #: Every header celery_ckeys reads on the worker.
-ALL_HEADERS = (HEADER_KEY, HEADER_QUEUE, HEADER_TAGS, HEADER_WAIT_CHAIN, HEADER_RESUME, *PER_STAY)
+ALL_HEADERS = (HEADER_KEY, HEADER_QUEUE, HEADER_PRIORITY, HEADER_TAGS, HEADER_WAIT_CHAIN,
+               HEADER_RESUME, *PER_STAY)
 
 
 def deferred_headers(headers: Mapping[str, Any], now: float) -> dict[str, Any]:
@@ -70,6 +72,7 @@ def strip_stay(request: Any) -> None:
 HEADER_FOR_OPTION = {
     "concurrency_key": HEADER_KEY,
     "concurrency_queue": HEADER_QUEUE,
+    "concurrency_priority": HEADER_PRIORITY,
     "tags": HEADER_TAGS,
 }
 
@@ -114,7 +117,8 @@ def prepare(options: dict[str, Any], *, task: Any = None,
     """
     has_options = any(name in options for name in HEADER_FOR_OPTION)
     given = options.get("headers")
-    if not has_options and not given and (task is None or task.concurrency_key is None):
+    if not has_options and not given and (task is None or (
+            task.concurrency_key is None and not getattr(task, "concurrency_priority", 0))):
         return
     headers = dict(given or {})
     key = options.pop("concurrency_key", None)
@@ -133,6 +137,16 @@ def prepare(options: dict[str, Any], *, task: Any = None,
     elif HEADER_QUEUE in headers:
         coerce_queue(headers[HEADER_QUEUE])
 
+    priority = options.pop("concurrency_priority", None)
+    if priority is None and task is not None and HEADER_PRIORITY not in headers:
+        priority = getattr(task, "concurrency_priority", 0) or None
+    if priority is not None:
+        headers[HEADER_PRIORITY] = check_priority(priority)
+    elif HEADER_PRIORITY in headers:
+        check_priority(headers[HEADER_PRIORITY])
+
+    _check_computed_limit(task, headers)
+
     tags = options.pop("tags", None)
     if tags is not None:
         headers[HEADER_TAGS] = check_tags(tags)
@@ -143,13 +157,30 @@ def prepare(options: dict[str, Any], *, task: Any = None,
         options["headers"] = headers
 
 
+def _check_computed_limit(task: Any, headers: Mapping[str, Any]) -> None:
+    """A limit the task's queue computes for the run's key is computed once here, so that a
+    callable that raises or returns a bad limit fails the publish, not the run."""
+    queue = getattr(task, "_ckeys_queue", None)
+    key = headers.get(HEADER_KEY)
+    if isinstance(queue, ConcurrencyQueue) and queue.computed and isinstance(key, str):
+        given = headers.get(HEADER_QUEUE)
+        if given is None or coerce_queue(given).name == queue.name:
+            queue.limit_for(key)
+
+
 def queue_header(queue: Any) -> dict[str, Any]:
     spec = coerce_queue(queue)
+    if spec.computed:
+        raise InvalidConcurrencyQueue(
+            f"queue {spec.name!r} computes its limit: declare it on the task"
+            " (concurrency_queue=...) and give only its name when triggering", queue=spec.name)
     header: dict[str, Any] = {"name": spec.name}
     if spec.limit is not None:
         header["limit"] = spec.limit
     if spec.total_limit is not None:
         header["total_limit"] = spec.total_limit
+    if spec.weights:
+        header["weights"] = dict(spec.weights)
     return header
 
 

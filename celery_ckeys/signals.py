@@ -46,7 +46,7 @@ wait_finished = Signal(name="ckeys_wait_finished",
 
 # Options that may arrive as message properties (``app.send_task(name, concurrency_key=K)``
 # bypasses the task class) and must travel as headers for the worker to see them.
-PROPERTY_OPTIONS = ("concurrency_key", "concurrency_queue", "tags")
+PROPERTY_OPTIONS = ("concurrency_key", "concurrency_queue", "concurrency_priority", "tags")
 
 
 @before_task_publish.connect(weak=False, dispatch_uid="celery_ckeys.move_properties")

@@ -27,7 +27,8 @@ class LimitSpec:
     sweeper): the declared limit the last run on the slot brought (``#d`` in its info hash;
     never the limit resolved from it, so a recorded limit cleared since does not live on).
     ``key``: the partition's key. A limit recorded for that key alone (``key:<key>`` in the
-    queue's conf) goes before all of the above; the cap still applies.
+    queue's conf) goes before all of the above, then ``computed`` (by the queue's callable,
+    for that key; remembered on the slot as ``#o`` for the sweeper); the cap still applies.
     ``total``: the slot is a queue's whole (its ``total_limit``): the same order of trigger,
     recorded (``total`` in the conf) and declared, but the cap only caps: with none of them
     the slot is not needed at all.
@@ -42,6 +43,10 @@ class LimitSpec:
     remembered: bool = False
     key: Optional[str] = None
     total: bool = False
+    computed: Optional[int] = None
+    #: ``computed`` is only remembered on the slot, not used: the spec's limit is already
+    #: resolved (ClusterStore's steps carry the resolved limit as ``trigger``)
+    computed_noted: bool = False
 
     @property
     def conf_field(self) -> str:
@@ -49,13 +54,19 @@ class LimitSpec:
         return "total" if self.total else "limit"
 
     def resolve(self, recorded: Optional[int], remembered: Optional[int] = None,
-                override: Optional[int] = None) -> tuple[Optional[int], bool]:
+                override: Optional[int] = None,
+                remembered_computed: Optional[int] = None) -> tuple[Optional[int], bool]:
         """``(limit, fell_back)``: the limit (``None``: unlimited), and whether ``unlimited_as``
         applied. ``recorded`` is the queue's recorded limit (ignored when ``trigger`` is set),
-        ``override`` the one recorded for :attr:`key` (ignored without a key)."""
+        ``override`` the one recorded for :attr:`key` (ignored without a key);
+        ``remembered*``: what the slot remembers, standing in for code when ``remembered``."""
         if self.fixed is not None:
             return self.fixed, False
         limit = self.trigger if self.trigger is not None else recorded
+        computed = self.computed if self.computed is not None else (
+            remembered_computed if self.remembered else None)
+        if computed is not None and not self.total and not self.computed_noted:
+            limit = computed
         if override is not None and self.key is not None:
             limit = override
         if limit is None:
@@ -78,8 +89,11 @@ class LimitSpec:
         declared = "#" if self.remembered else _opt(self.declared)
         if self.total:
             return f"t|{conf_position}|{_opt(self.trigger)}|{declared}|{_opt(self.cap)}"
+        computed = "#" if self.remembered and self.computed is None else _opt(self.computed)
+        if self.computed_noted:
+            computed = f"!{_opt(self.computed)}"
         return (f"q|{conf_position}|{_opt(self.trigger)}|{declared}|{_opt(self.cap)}"
-                f"|{_opt(self.unlimited_as)}|{self.key or ''}")
+                f"|{_opt(self.unlimited_as)}|{computed}|{self.key or ''}")
 
     def as_header(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v not in (None, False)}
@@ -87,6 +101,31 @@ class LimitSpec:
     @classmethod
     def from_header(cls, data: dict[str, Any]) -> LimitSpec:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+#: Slots whose line is fair between keys (docs/protocol.md section 4.1): the shared ones.
+FAIR_KINDS = frozenset({"total", "env"})
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a run goes when it parks in a line: after every run of higher ``priority``;
+    in a fair line at its key's next turn (``weight`` turns a round), else by ``order_ms``
+    (its first deferral). ``weight`` is the one declared in code; a weight recorded in the
+    queue's conf (``weight_conf``) goes first. ``kept``: it keeps a unit of an earlier slot
+    (only ClusterStore, which parks slot by slot, says so; acquire.lua knows otherwise)."""
+
+    order_ms: int = 0
+    priority: int = 0
+    key: str = ""
+    weight: Optional[int] = None
+    weight_conf: Optional[str] = None
+    kept: bool = False
+
+    def lua(self, fair: str, conf_position: int) -> str:
+        """As acquire.lua reads it (ARGV 8)."""
+        return (f"{max(0, self.order_ms)}|{self.priority}|{int(self.kept)}|{_opt(self.weight)}"
+                f"|{conf_position}|{fair}|{self.key}")
 
 
 def _opt(value: Optional[int]) -> str:
@@ -114,6 +153,10 @@ class Slot:
 
     def key(self, role: str) -> str:
         return Names.redis_key(self.tag, role)
+
+    @property
+    def fair(self) -> bool:
+        return self.kind in FAIR_KINDS
 
     def lua_spec(self, conf_position: int) -> str:
         if self.home_only:

@@ -35,7 +35,7 @@ from .naming import (
     Names,
     memo_role,
 )
-from .slots import Slot
+from .slots import Place, Slot
 
 logger = logging.getLogger("celery_ckeys.store")
 
@@ -303,8 +303,18 @@ class Store:
         return int(sec) * 1000 + int(usec) // 1000
 
     # -- script arguments -------------------------------------------------------
-    def _keys(self, slots: Sequence[Slot], who: str) -> tuple[list[str], list[str], int]:
-        """KEYS of a slot script (core.lua's layout), the limit specs, the index position."""
+    @staticmethod
+    def _conf_position(keys: Sequence[str], conf_tag: Optional[str]) -> int:
+        """Where a queue's conf is in ``keys`` (1-based; 0: not there)."""
+        if conf_tag is None:
+            return 0
+        conf = Names.redis_key(conf_tag, CONF)
+        return keys.index(conf) + 1 if conf in keys else 0
+
+    def _keys(self, slots: Sequence[Slot], who: str, extra_conf: Optional[str] = None
+              ) -> tuple[list[str], list[str], int]:
+        """KEYS of a slot script (core.lua's layout), the limit specs, the index position.
+        ``extra_conf``: a queue conf the script reads besides those the specs name."""
         keys = [Names.redis_key(slot.tag, role) for slot in slots for role in SLOT_ROLES]
         memo = memo_role(who)
         keys += [Names.redis_key(slot.tag, memo) for slot in slots]
@@ -318,6 +328,8 @@ class Store:
                     conf_at[slot.conf_tag] = len(keys)
                 position = conf_at[slot.conf_tag]
             specs.append(slot.lua_spec(position))
+        if extra_conf is not None and extra_conf not in conf_at:
+            keys.append(Names.redis_key(extra_conf, CONF))
         index_at = 0
         if self.inline_index:
             keys.append(self.names.index_key())
@@ -364,17 +376,19 @@ class Store:
 
     # -- admission ------------------------------------------------------------------
     def acquire(self, slots: Sequence[Slot], who: str, token: str, *, mode: str = "run",
-                ticket: str = "", new_ticket: str = "", message: str = "", order_ms: int = 0,
-                primary: int = 1, home: Optional[str] = None) -> AcquireResult:
+                ticket: str = "", new_ticket: str = "", message: str = "",
+                place: Optional[Place] = None, primary: int = 1,
+                home: Optional[str] = None) -> AcquireResult:
         """Admit the run (every slot or none) or not: ``acquire.lua``, one call.
 
         ``mode`` "run" (a delivery; ``ticket`` is the one its copy carries) or "resume" (back
         from wait_for; ``ticket`` is then its wait token). ``message``: "" never parks
         (countdown), "?" asks for the message when the run would park, else the message to
-        park (handoff), under ``ticket`` or ``new_ticket``. ``home``: the tag of the line a
+        park (handoff), under ``ticket`` or ``new_ticket``, at ``place``. ``home``: the tag of the line a
         woken copy comes from (one call sees every slot; ClusterStore needs it).
         """
-        keys, specs, index_at = self._keys(slots, who)
+        place = place or Place()
+        keys, specs, index_at = self._keys(slots, who, place.weight_conf)
         if mode == "run" and not ticket:
             # The uncontended cases first (protocol.md section 6.1). An idle simple slot is
             # taken with a bare SET NX PX (one command, no script): an existing units key of
@@ -390,7 +404,9 @@ class Store:
                     return AcquireResult("admitted",
                                          taken=tuple(slots[int(j) - 1] for j in taken.split(",")))
         reply = self.call("acquire", keys, [
-            who, token, self._lease, mode, ticket, new_ticket, message, order_ms,
+            who, token, self._lease, mode, ticket, new_ticket, message,
+            place.lua(".".join(str(j) for j, s in enumerate(slots, 1) if s.fair),
+                      self._conf_position(keys, place.weight_conf)),
             f"{self._window},{self._countdown},{self.config.deferral_memory_ms},"
             f"{primary},{index_at}", len(slots), *specs])
         return self._acquired(reply, slots)
@@ -589,19 +605,24 @@ class Store:
         else:
             self.guarded(lambda c: c.hset(key, field, limit))
 
-    def key_limits(self, queue: str) -> dict[str, int]:
-        """The limits recorded for single keys of ``queue`` (``key:<key>`` in its conf)."""
+    def key_limits(self, queue: str, *, what: str = "key") -> dict[str, int]:
+        """The limits recorded for single keys of ``queue`` (``key:<key>`` in its conf;
+        ``what="weight"``: their weights, ``weight:<key>``)."""
         conf = Names.redis_key(self.names.queue(queue), CONF)
         fields = self.guarded(lambda c: c.hgetall(conf))
-        return {_text(f)[4:]: int(v) for f, v in fields.items() if _text(f).startswith("key:")}
+        prefix = f"{what}:"
+        return {_text(f)[len(prefix):]: int(v) for f, v in fields.items()
+                if _text(f).startswith(prefix)}
 
-    def set_key_limit(self, queue: str, key: str, limit: Optional[int]) -> None:
-        """Record (``None``: forget) the limit of ``queue``'s partition for ``key`` alone."""
+    def set_key_limit(self, queue: str, key: str, limit: Optional[int], *,
+                      what: str = "key") -> None:
+        """Record (``None``: forget) the limit of ``queue``'s partition for ``key`` alone
+        (``what="weight"``: the key's weight in the queue's fair lines)."""
         conf = Names.redis_key(self.names.queue(queue), CONF)
         if limit is None:
-            self.guarded(lambda c: c.hdel(conf, f"key:{key}"))
+            self.guarded(lambda c: c.hdel(conf, f"{what}:{key}"))
         else:
-            self.guarded(lambda c: c.hset(conf, f"key:{key}", limit))
+            self.guarded(lambda c: c.hset(conf, f"{what}:{key}", limit))
 
     def _conf_queues(self) -> list[str]:
         """Every queue of the namespace with a conf HASH (some limit recorded)."""

@@ -15,7 +15,7 @@ from . import gate
 from .errors import InvalidConcurrencyKey, InvalidConcurrencyQueue
 from .publish import install, prepare
 from .queues import ConcurrencyQueue, QueueLike, coerce_queue
-from .validation import check_limit
+from .validation import check_limit, check_priority
 from .worker import after_exit
 
 KeySpec = Union[str, Callable[..., str]]
@@ -60,6 +60,9 @@ class KeyedTask(Task):  # type: ignore[misc]
         queue, named after the task.
     ``concurrency_queue``
         A :class:`ConcurrencyQueue` (or its name) shared with other tasks.
+    ``concurrency_priority``
+        The default priority of its runs in a line (int, -1000..1000, higher first; 0).
+        ``apply_async(concurrency_priority=N)`` and ``.set(concurrency_priority=N)`` win.
     """
 
     abstract = True
@@ -69,6 +72,7 @@ class KeyedTask(Task):  # type: ignore[misc]
     concurrency_key: ClassVar[Optional[KeySpec]] = None
     concurrency_limit: ClassVar[Optional[int]] = None
     concurrency_queue: ClassVar[Optional[QueueLike]] = None
+    concurrency_priority: ClassVar[int] = 0
     _ckeys_queue: ClassVar[Optional[ConcurrencyQueue]] = None
     _ckeys_explicit_acks_late: ClassVar[bool] = False
 
@@ -96,6 +100,7 @@ class KeyedTask(Task):  # type: ignore[misc]
             cls._ckeys_queue = ConcurrencyQueue(name, limit) if name else None
         if queue is not None:
             cls._ckeys_queue = coerce_queue(queue)
+        check_priority(cls.concurrency_priority)
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
@@ -109,7 +114,8 @@ class KeyedTask(Task):  # type: ignore[misc]
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: Any = None,
                     producer: Any = None, link: Any = None, link_error: Any = None,
                     shadow: Any = None, **options: Any) -> Any:
-        """As Celery's, plus ``concurrency_key=``, ``concurrency_queue=`` and ``tags=``.
+        """As Celery's, plus ``concurrency_key=``, ``concurrency_queue=``,
+        ``concurrency_priority=`` and ``tags=``.
 
         They are validated here, before anything is published, and travel as headers.
         """

@@ -11,6 +11,7 @@ from typing import Any
 from .errors import (
     InvalidConcurrencyKey,
     InvalidConcurrencyLimit,
+    InvalidConcurrencyPriority,
     InvalidConcurrencyQueue,
     InvalidTags,
 )
@@ -19,6 +20,9 @@ MAX_KEY_LENGTH = 256
 MAX_QUEUE_NAME_LENGTH = 256
 MAX_TAGS = 10
 MAX_TAG_LENGTH = 128
+#: Priorities and weights are bounded so that a line's scores stay exact (lua/lib.lua BAND).
+MAX_PRIORITY = 1000
+MAX_WEIGHT = 1000
 
 
 def check_key(value: Any) -> str:
@@ -42,6 +46,24 @@ def check_limit(value: Any, *, what: str = "concurrency_limit") -> int:
             f"{what} must be a positive integer, got {type(value).__name__}: {value!r}", limit=value)
     if value < 1:
         raise InvalidConcurrencyLimit(f"{what} must be a positive integer, got {value!r}", limit=value)
+    return value
+
+
+def check_priority(value: Any) -> int:
+    """Return ``value`` if it is an ``int`` from -MAX_PRIORITY to MAX_PRIORITY."""
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_PRIORITY:
+        raise InvalidConcurrencyPriority(
+            f"concurrency_priority must be an int from {-MAX_PRIORITY} to {MAX_PRIORITY},"
+            f" got {type(value).__name__}: {value!r}", priority=value)
+    return value
+
+
+def check_weight(value: Any, *, key: Any) -> int:
+    """Return ``value`` if it is an ``int`` from 1 to MAX_WEIGHT (the turns ``key`` gets a round)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WEIGHT:
+        raise InvalidConcurrencyLimit(
+            f"the weight of key {key!r} must be an int from 1 to {MAX_WEIGHT},"
+            f" got {type(value).__name__}: {value!r}", limit=value)
     return value
 
 

@@ -81,6 +81,7 @@ class Run:
     id: str
     kind: str
     key: str
+    priority: int = 0
     executions: int = 0
     faults: int = 0
     done: bool = False
@@ -165,9 +166,9 @@ class Protocol(RuleBasedStateMachine):
         return self.store.resolve_limits([slot])[0] if slot.when_unlimited is None else 1
 
     # -- rules -------------------------------------------------------------------------
-    @rule(kind=st.sampled_from(KINDS), key=st.sampled_from(KEYS))
-    def submit(self, kind: str, key: str) -> None:
-        run = Run(id=f"r{len(self.runs)}", kind=kind, key=key)
+    @rule(kind=st.sampled_from(KINDS), key=st.sampled_from(KEYS), priority=st.sampled_from([0, 5]))
+    def submit(self, kind: str, key: str, priority: int) -> None:
+        run = Run(id=f"r{len(self.runs)}", kind=kind, key=key, priority=priority)
         self.runs[run.id] = run
         self.broker.append(Msg(run.id))
 
@@ -208,7 +209,8 @@ class Protocol(RuleBasedStateMachine):
         def attempt(message: str) -> Any:
             return self.store.acquire(slots, run.id, token, ticket=msg.ticket,
                                       new_ticket=new_ticket, message=message,
-                                      order_ms=msg.first_ms, home=msg.home)
+                                      place=self.plan(run).place(msg.first_ms, run.priority),
+                                      home=msg.home)
         lines_before = {s.tag: self.line_of(s.tag) for s in slots}
         # a copy woken from a line goes back to a line whatever the worker's deferral
         result = attempt("?" if handoff or msg.ticket else "")

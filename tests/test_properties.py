@@ -128,17 +128,18 @@ small = st.one_of(st.none(), st.integers(1, 5))
           suppress_health_check=[HealthCheck.too_slow])
 @given(fixed=small, trigger=small, declared=small, cap=small, recorded=small, own=small,
        per_key=st.booleans(), key=st.sampled_from(["k", "a|b", "k:{x}|5|"]),
-       total=st.booleans())
+       total=st.booleans(), computed=small)
 def test_lua_and_python_resolve_a_limit_the_same_way(fixed: Any, trigger: Any, declared: Any,
                                                      cap: Any, recorded: Any, own: Any,
-                                                     per_key: bool, key: str, total: bool) -> None:
+                                                     per_key: bool, key: str, total: bool,
+                                                     computed: Any) -> None:
     config = from_conf({"ckeys_redis_url": store_url()}, default_namespace=f"lim-{next(_ns)}")
     store = Store(config)
     names = store.names
     spec = LimitSpec(fixed=fixed) if fixed is not None else LimitSpec(
         queue="q", trigger=trigger, declared=declared, cap=cap, total=True) if total else LimitSpec(
         queue="q", trigger=trigger, declared=declared, cap=cap, unlimited_as=1 if per_key else None,
-        key=key if per_key else None)
+        key=key if per_key else None, computed=computed if per_key else None)
     slot = Slot(tag=names.partition("q", key), kind="partition", label="p", limit=spec,
                 conf_tag=None if fixed is not None else names.queue("q"))
     store.set_queue_limit("q", recorded, field="total" if total else "limit")

@@ -20,6 +20,7 @@ from celery_ckeys.config import from_conf
 from celery_ckeys.embedded import RedisServer
 from celery_ckeys.naming import UNITS, Names
 from celery_ckeys.queues import ConcurrencyQueue
+from celery_ckeys.slots import Place
 from celery_ckeys.store import Store, Wake
 
 _ns = itertools.count()
@@ -72,7 +73,7 @@ def admit(store: Store, slots: Any, run: str, tok: str, ticket: str = "", home: 
           first_ms: int = 0) -> Any:
     """As gate.admit does it: ask with "?", then give the message."""
     kw: dict[str, Any] = dict(ticket=ticket, new_ticket=ticket or uuid.uuid4().hex[:16],
-                              order_ms=first_ms, home=home)
+                              place=Place(order_ms=first_ms), home=home)
     result = store.acquire(slots, run, tok, message="?", **kw)
     if result.status == "needs_message":
         result = store.acquire(slots, run, tok, message=json.dumps({"run": run}), **kw)

@@ -22,6 +22,7 @@ from celery_ckeys.embedded import RedisServer
 from celery_ckeys.introspect import collect
 from celery_ckeys.naming import UNITS, Names
 from celery_ckeys.queues import ConcurrencyQueue
+from celery_ckeys.slots import Place
 from celery_ckeys.store import Store, Wake, token_prefix
 
 _ns = itertools.count()
@@ -239,6 +240,88 @@ def test_a_woken_run_blocked_early_in_its_plan_keeps_nothing_after_it(store: Sto
         assert not kept or not waits or max(kept) < min(waits), (
             f"{who} keeps a unit of slot {max(kept)} while it waits at slot {min(waits)}")
     env.release(other, "Z2", z2)
+
+
+def serve_in_turn(store: Store, holder: tuple[Any, str, str], parked: list[tuple[Any, str]],
+                  woken: list[Wake]) -> list[str]:
+    """Release ``holder``, then let every woken run claim, run and release, one at a time:
+    the order in which the parked runs were served."""
+    s, who, tok = holder
+    by_ticket = {f"t{w}": (runs, w) for runs, w in parked}
+    served = []
+    store.release(s, who, tok)
+    while woken:
+        wake = woken.pop(0)
+        runs, w = by_ticket[wake.ticket]
+        mine = token(w, ticket=wake.ticket)
+        got = store.acquire(runs, w, mine, ticket=wake.ticket, home=wake.tag)
+        assert got.ok, f"{w} was woken but could not claim: {got}"
+        served.append(w)
+        store.release(runs, w, mine, wake.ticket)
+    return served
+
+
+def test_keys_waiting_for_a_total_are_served_round_robin_and_by_weight(store: Store) -> None:
+    """Fair dequeue (issue 12): a flood of key A parked first does not hold B and C back;
+    B, of weight 2, gets two turns a round; within a key, first come first served."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    queue = ConcurrencyQueue("Q", limit=50, total_limit=1, weights={"B": 2})
+    x = slots(store, queue=queue, key="X")
+    ok, held = take(store, x, "x")
+    assert ok
+    parked = []
+    for who in ["a1", "a2", "a3", "a4", "a5", "b1", "b2", "b3", "c1", "c2"]:
+        runs = slots(store, queue=queue, key=who[0].upper())
+        plan = plan_for(store.config, RunSpec(task_name="t", queue=queue, key=who[0].upper()))
+        assert plan is not None
+        got = store.acquire(runs, who, token(who), message="m", new_ticket=f"t{who}",
+                            place=plan.place(0, 0))
+        assert got.parked and got.blocked is not None and got.blocked.kind == "total"
+        parked.append((runs, who))
+    served = serve_in_turn(store, (x, "x", held), parked, woken)
+    # virtual starts: A 0, 1000, 2000...; B (weight 2) 0, 500, 1000; C 0, 1000 (equal starts:
+    # by task id)
+    assert served == ["a1", "b1", "c1", "b2", "a2", "b3", "c2", "a3", "a4", "a5"]
+    total = next(t for t in slots(store, queue=queue, key="A") if t.kind == "total")
+    info = store.read_slot(total.tag).info
+    assert not [f for f in info if f.startswith("#F") or f == "#v"], "a drained line kept turns"
+
+
+def test_a_recorded_weight_goes_before_the_declared_one(store: Store) -> None:
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    queue = ConcurrencyQueue("Q", limit=50, total_limit=1, weights={"B": 3})
+    store.set_key_limit("Q", "A", 2, what="weight")
+    store.set_key_limit("Q", "B", 1, what="weight")
+    x = slots(store, queue=queue, key="X")
+    ok, held = take(store, x, "x")
+    parked = []
+    for who in ["a1", "a2", "a3", "b1", "b2"]:
+        key = who[0].upper()
+        plan = plan_for(store.config, RunSpec(task_name="t", queue=queue, key=key))
+        assert plan is not None
+        assert store.acquire(plan.slots, who, token(who), message="m", new_ticket=f"t{who}",
+                             place=plan.place(0, 0)).parked
+        parked.append((plan.slots, who))
+    # A (recorded weight 2) starts 0, 500, 1000; B (recorded 1 beats declared 3) 0, 1000
+    assert serve_in_turn(store, (x, "x", held), parked, woken) == ["a1", "b1", "a2", "a3", "b2"]
+
+
+def test_a_line_serves_higher_priority_first_then_first_come(store: Store) -> None:
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    s = slots(store, key="k")
+    ok, held = take(store, s, "h")
+    parked = []
+    for n, (who, priority) in enumerate([("low1", 0), ("high1", 5), ("low2", 0), ("high2", 5),
+                                         ("neg", -3)]):
+        got = store.acquire(s, who, token(who), message="m", new_ticket=f"t{who}",
+                            place=Place(order_ms=1_800_000_000_000 + n, priority=priority))
+        assert got.parked
+        parked.append((s, who))
+    served = serve_in_turn(store, (s, "h", held), parked, woken)
+    assert served == ["high1", "high2", "low1", "low2", "neg"]
 
 
 def test_a_limit_that_comes_and_goes_never_splits_a_key(store: Store) -> None:

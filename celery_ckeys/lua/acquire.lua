@@ -16,7 +16,11 @@
 --       5 run: the ticket the copy carries ("" none); resume, reserve: its wait token
 --       6 ticket to park under when it carries none
 --       7 message to park when blocked: "" never park (countdown), "?" ask for it
---       8 order in a line (first deferral, ms; 0: now; negative: already lowered by KEPT)
+--       8 its place in a line, "order|priority|kept|weight|conf|fair|key": order, its first
+--         deferral (ms; 0: now); priority (higher first); kept 1 when, under Cluster, it
+--         keeps a unit of an earlier slot; the weight its code declares for its key ("": 1);
+--         the position of the conf HASH that may record "weight:"..key (0: none); the fair
+--         slots ("j.j": a total, the environment; "" none); its key (last: any character)
 --       9 "claim window ms,countdown ms,deferral memory ms,primary slot,index position"
 --       10 n   11.. one limit spec per slot (lib.lua resolve_limit)
 -- The uncontended cases rarely get here: the store takes an idle simple slot with a bare SET
@@ -33,7 +37,9 @@
 
 local who, token, lease, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local ticket, new_ticket, message = ARGV[5], ARGV[6], ARGV[7]
-local order = tonumber(ARGV[8])
+local order, priority, kept_elsewhere, weight, weight_at, fair, fkey = string.match(ARGV[8],
+  "^(%d+)|(%-?%d+)|([01])|(%d*)|(%d+)|([%d.]*)|(.*)$")
+order, priority = tonumber(order), tonumber(priority)
 local window, countdown, memory, primary, at = string.match(ARGV[9],
   "^(%d+),(%d+),(%d+),(%d+),(%d+)$")
 window, countdown, memory, primary = tonumber(window), tonumber(countdown), tonumber(memory),
@@ -215,13 +221,20 @@ local parked = 0
 if parking then
   -- (a copy of a run that executes right now waits in the broker instead: a run is never
   -- in a line of a slot it holds or waits on)
-  -- 0: now; under Cluster a run that keeps an earlier slot's unit comes with its order
-  -- already lowered (negative): it keeps its place ahead of those that keep nothing
-  local at = order ~= 0 and order or NOW
-  if kept then
-    at = at + KEPT -- ahead of every run that keeps nothing, first come first served
+  -- a run that keeps units of earlier slots (here, or under Cluster in an earlier call)
+  -- waits ahead of every run that keeps nothing, first come first served, unless the line
+  -- is fair (protocol.md section 4.1)
+  if redis.call("ZSCORE", key(b, P), who) == false then
+    local is_fair = string.find("." .. fair .. ".", "." .. b .. ".", 1, true) ~= nil
+    local w = 1
+    if is_fair then
+      local recorded = weight_at ~= "0" and redis.call("HGET", KEYS[tonumber(weight_at)],
+        "weight:" .. fkey)
+      w = tonumber(recorded or "") or tonumber(weight) or 1
+    end
+    redis.call("ZADD", key(b, P), line_score(b, order ~= 0 and order or NOW, priority,
+      kept or kept_elsewhere == "1", is_fair, fkey, w), who)
   end
-  redis.call("ZADD", key(b, P), "NX", at, who)
   redis.call("HSET", key(b, M), who, (ticket ~= "" and ticket or new_ticket) .. "\n" .. message)
   redis.call("HSET", key(b, I), remember(b))
   index(idx, b, NOW + countdown)

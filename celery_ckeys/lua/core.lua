@@ -41,8 +41,12 @@ end
 -- The queue-limit rule (docs/protocol.md section 1; LimitSpec.resolve in limits.py is the
 -- same rule and a property test keeps them equal). A spec is
 --   "=N"                 a fixed limit N (a key mutex, the environment)
---   "q|c|s|d|x|u|k"      a queue's limit: the limit recorded for key k alone (a partition;
---                        field "key:"..k of conf KEYS[c]), else s (a trigger-time limit,
+--   "q|c|s|d|x|u|o|k"    a queue's limit: the limit recorded for key k alone (a partition;
+--                        field "key:"..k of conf KEYS[c]), else o (computed for k by the
+--                        queue's callable; "#": the one remembered on slot j as "#o";
+--                        "!N": N is only remembered there, "!" nothing is: the limit is
+--                        resolved already),
+--                        else s (a trigger-time limit,
 --                        recorded in conf KEYS[c], c > 0, when write is true), else the
 --                        recorded one, else d (declared in code; "#" = the limit last
 --                        resolved on slot j), capped by x (the environment's base limit, also
@@ -58,6 +62,7 @@ end
 --                        longer names (the limit last resolved there, for refills)
 -- Returns the limit (nil: unlimited) and whether the fallback u applied.
 local DECL = {} -- slot j -> the declared part d of its queue spec ("" for none)
+local COMP = {} -- slot j -> the computed part o of its queue spec ("" for none)
 local RECORDED_TOTAL = {} -- conf key -> its "total" field (false: none), read once a call
 
 -- d of a queue spec: declared in code, or "#": the declared limit remembered on slot j, never
@@ -72,6 +77,21 @@ local function declared(j, d)
     return tonumber(remembered)
   end
   return tonumber(redis.call("HGET", key(j, I), "#l") or "") -- written before "#d" existed
+end
+
+-- o of a queue spec: computed by the queue's callable for the partition's key, or "#": the
+-- one remembered on slot j (the sweeper has no code to compute it with)
+local function computed(j, o)
+  if string.sub(o, 1, 1) == "!" then
+    if o ~= "!" then
+      COMP[j] = string.sub(o, 2)
+    end
+    return nil
+  elseif o ~= "#" then
+    COMP[j] = o
+    return tonumber(o)
+  end
+  return tonumber(redis.call("HGET", key(j, I), "#o") or "")
 end
 
 -- s of a spec: a trigger-time limit, recorded as field of conf from then on when write is true
@@ -111,7 +131,8 @@ local function resolve_limit(spec, j, write)
     end
     return lim, false
   end
-  local c, s, d, x, u, k = string.match(spec, "^q|(%d+)|(%d*)|([%d#]*)|(%d*)|(%d*)|(.*)$")
+  local c, s, d, x, u, o, k = string.match(spec,
+    "^q|(%d+)|(%d*)|([%d#]*)|(%d*)|(%d*)|([%d#!]*)|(.*)$")
   if c == nil then
     error("bad limit spec " .. spec)
   end
@@ -124,7 +145,7 @@ local function resolve_limit(spec, j, write)
   end
   local decl = declared(j, d)
   local given = triggered(conf, "limit", s, write) -- recorded even when the key's own applies
-  local lim = own or given or recorded or decl
+  local lim = own or computed(j, o) or given or recorded or decl
   local cap = tonumber(x)
   if lim == nil or (cap ~= nil and cap < lim) then
     lim = cap
@@ -177,10 +198,12 @@ local function refill_limit(j)
 end
 
 -- What slot j remembers of its limit for calls that do not have the run's spec (the
--- sweeper, refills of a line no plan names): "#l" the limit resolved now, "#d" the
--- declared part of a queue's spec. Returns HSET arguments.
+-- sweeper, refills of a line no plan names): "#l" the limit resolved now, "#d" and "#o" the
+-- declared and computed parts of a queue's spec. Returns HSET arguments.
 local function remember(j)
-  if DECL[j] then
+  if DECL[j] and COMP[j] then
+    return "#l", LIM[j], "#d", DECL[j], "#o", COMP[j]
+  elseif DECL[j] then
     return "#l", LIM[j], "#d", DECL[j]
   end
   return "#l", LIM[j]

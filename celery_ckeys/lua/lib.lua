@@ -29,8 +29,16 @@ local function extend(k, ms)
 end
 
 local WAITER = "\1" -- prefix of a waiting run's marker in H
-local HEAD_OF_LINE = -3e13 -- the order of a woken run put back in line: before everybody
-local KEPT = -1e13 -- added to the order of a run that keeps units of earlier slots
+
+-- A run's score in a line (docs/protocol.md section 4.1): class - priority * BAND + t, where
+-- t in [0, BAND) is its first deferral (ms since EPOCH) or, in a fair line, its virtual
+-- start. Every class and priority offset is a multiple of BAND, so score % BAND gives t
+-- back, and all scores stay integers a double holds exactly (|score| < 2^53).
+local BAND = 2 ^ 40 -- ms: 34 years of first deferrals, or 10^9 turns of a fair line
+local EPOCH = 1.7e12 -- ms: November 2023
+local KEPT = -2048 * BAND -- the class of a run that keeps units of earlier slots
+local HEAD_OF_LINE = -4096 * BAND -- a woken run put back in line: before everybody
+local TURN = 1000 -- virtual time one turn of a key of weight 1 takes in a fair line
 
 -- Live units (holds and reservations) of a full slot; markers (score -1) are not units.
 local function units(j)
@@ -40,6 +48,56 @@ end
 -- One run holding a unit of slot j, for messages ("" when none).
 local function some_holder(j)
   return redis.call("ZRANGEBYSCORE", key(j, H), 0, "+inf", "LIMIT", 0, 1)[1] or ""
+end
+
+-- Fair lines (the shared slots: a queue's total, the environment) order runs by start-time
+-- fair queuing: a run of key k starts at max(#v, #F:k), and k's next run a turn (TURN /
+-- weight) later; #v is the start of the run last woken. Keys are served round robin, a key of
+-- weight w w turns a round, and within a key first come first served. The line's state
+-- lives in its info hash while the line is not empty.
+local function fair_start(j, fkey, weight)
+  local i = key(j, I)
+  local got = redis.call("HMGET", i, "#v", "#F:" .. fkey)
+  local v = tonumber(got[1] or "0")
+  local start = math.max(v, tonumber(got[2] or "0"))
+  redis.call("HSET", i, "#v", v, "#F:" .. fkey, start + math.max(1, math.floor(TURN / weight)))
+  return start
+end
+
+-- Where a parking run goes in slot j's line: its score (see BAND).
+local function line_score(j, at, priority, kept, fair, fkey, weight)
+  local t
+  if fair then
+    t = fair_start(j, fkey, weight)
+    kept = false -- in a fair line the turn decides, not what the run keeps elsewhere
+  else
+    t = math.max(0, math.min(at - EPOCH, BAND - 1))
+  end
+  return (kept and KEPT or 0) - priority * BAND + t
+end
+
+-- A run with this score was woken from fair line j: virtual time moves to its start.
+local function fair_advance(j, score)
+  local i = key(j, I)
+  local v = tonumber(redis.call("HGET", i, "#v") or "0")
+  local t = tonumber(score) % BAND
+  if t > v then
+    redis.call("HSET", i, "#v", t)
+  end
+end
+
+-- The line is empty: its keys' turns are forgotten (a new backlog starts even).
+local function fair_reset(j)
+  local i = key(j, I)
+  local cursor = "0"
+  repeat
+    local got = redis.call("HSCAN", i, cursor, "MATCH", "#F:*", "COUNT", 1000)
+    cursor = got[1]
+    for n = 1, #got[2], 2 do
+      redis.call("HDEL", i, got[2][n])
+    end
+  until cursor == "0"
+  redis.call("HDEL", i, "#v")
 end
 
 local function starts_with(s, prefix)
@@ -72,6 +130,9 @@ end
 local function settle(j, lease)
   TOUCHED[j] = nil
   local h, i = key(j, H), key(j, I)
+  if redis.call("HEXISTS", i, "#v") == 1 and redis.call("EXISTS", key(j, P)) == 0 then
+    fair_reset(j)
+  end
   if redis.call("EXISTS", key(j, P), key(j, R), key(j, M)) > 0 then
     redis.call("PERSIST", h)
     redis.call("PERSIST", i)
@@ -138,6 +199,7 @@ local function refill(j, lim, window, idx)
     return
   end
   local room = lim and (lim - units(j)) or 1000000
+  local fair = redis.call("HEXISTS", key(j, I), "#v") == 1
   while room > 0 do
     local first = redis.call("ZRANGE", key(j, R), 0, 0)[1]
     local given = false
@@ -154,6 +216,9 @@ local function refill(j, lim, window, idx)
         -- it keeps its place; the unit it will give back refills the line then
         redis.call("ZADD", key(j, P), head[2], head[1])
         break
+      end
+      if given and fair then
+        fair_advance(j, head[2])
       end
     end
     if given then
