@@ -296,6 +296,7 @@ def test_a_recorded_weight_goes_before_the_declared_one(store: Store) -> None:
     store.set_key_limit("Q", "B", 1, what="weight")
     x = slots(store, queue=queue, key="X")
     ok, held = take(store, x, "x")
+    assert ok
     parked = []
     for who in ["a1", "a2", "a3", "b1", "b2"]:
         key = who[0].upper()
@@ -313,6 +314,7 @@ def test_a_line_serves_higher_priority_first_then_first_come(store: Store) -> No
     store.on_wakes = woken.extend
     s = slots(store, key="k")
     ok, held = take(store, s, "h")
+    assert ok
     parked = []
     for n, (who, priority) in enumerate([("low1", 0), ("high1", 5), ("low2", 0), ("high2", 5),
                                          ("neg", -3)]):
