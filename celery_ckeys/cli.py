@@ -9,6 +9,7 @@
     celery -A proj ckeys limits get [QUEUE ...] [--json]
     celery -A proj ckeys limits set QUEUE LIMIT
     celery -A proj ckeys limits set QUEUE --clear
+    celery -A proj ckeys limits set QUEUE --key KEY --weight N
 
 Tables for people by default, ``--json`` for scripts. Registered through the
 ``celery.commands`` entry point, so ``celery`` finds it once the package is installed.
@@ -245,6 +246,9 @@ def limits_get(ctx: click.Context, queues: tuple[str, ...], as_json: bool) -> No
                          _opt(total["effective"])])
         for key, own in r["keys"].items():
             rows.append([f"  [{key}]", str(own["recorded"]), "-", _opt(own["effective"])])
+        for key, weight in r["weights"].items():
+            rows.append([f"  [{key}] weight", _opt(weight["recorded"]), _opt(weight["declared"]),
+                         str(weight["effective"])])
     click.echo(_table(rows))
 
 
@@ -255,37 +259,48 @@ def _opt(value: Optional[int]) -> str:
 @limits.command(name="set", cls=CeleryCommand)
 @click.argument("queue")
 @click.argument("limit", type=int, required=False)
-@click.option("--key", help="the limit of this key's partition alone (before the queue's)")
+@click.option("--key", help="the limit (or weight) of this key alone (before the queue's)")
 @click.option("--clear", is_flag=True, help="forget the recorded limit (the next rule applies)")
 @click.option("--total", type=int, help="the queue's total_limit: all its keys together")
 @click.option("--clear-total", is_flag=True, help="forget the recorded total_limit")
+@click.option("--weight", type=int, help="with --key: its turns a round in the fair lines")
+@click.option("--clear-weight", is_flag=True, help="with --key: forget its recorded weight")
 @click.pass_context
 def limits_set(ctx: click.Context, queue: str, limit: Optional[int], key: Optional[str],
-               clear: bool, total: Optional[int], clear_total: bool) -> None:
-    """Record QUEUE's limit (or KEY's), or its total; it applies to runs that start from now
-    on."""
+               clear: bool, total: Optional[int], clear_total: bool, weight: Optional[int],
+               clear_weight: bool) -> None:
+    """Record QUEUE's limit (or KEY's), its total, or KEY's weight; it applies to runs that
+    start (or wait) from now on."""
     app = _app(ctx)
+    actions = [limit is not None, clear, total is not None, clear_total, weight is not None,
+               clear_weight]
+    if sum(actions) != 1:
+        raise click.UsageError("give one of LIMIT, --clear, --total N, --clear-total,"
+                               " --weight N, --clear-weight")
+    weights = weight is not None or clear_weight
     totals = total is not None or clear_total
-    if totals and (key is not None or (total is not None and clear_total)):
-        raise click.UsageError("--total and --clear-total take no --key, and not both")
-    if not totals and clear == (limit is not None):
-        raise click.UsageError("give either LIMIT or --clear (or --total N / --clear-total)")
-    if totals and (clear or limit is not None):
-        raise click.UsageError("set LIMIT and --total in two calls")
+    if totals and key is not None:
+        raise click.UsageError("--total and --clear-total take no --key")
+    if weights and key is None:
+        raise click.UsageError("--weight and --clear-weight need --key")
+    what = f"queue {queue}" + (f" [{key}]" if key is not None else "")
     try:
         if total is not None:
             limits_api.set_total(app, queue, total)
         elif clear_total:
             limits_api.clear_total(app, queue)
-        elif limit is None:
-            limits_api.clear_limit(app, queue, key=key)
-        else:
+        elif weight is not None and key is not None:
+            limits_api.set_weight(app, queue, key, weight)
+        elif clear_weight and key is not None:
+            limits_api.clear_weight(app, queue, key)
+        elif limit is not None:
             limits_api.set_limit(app, queue, limit, key=key)
+        else:
+            limits_api.clear_limit(app, queue, key=key)
+        said = (f"total limit {total if total is not None else 'cleared'}" if totals else
+                f"weight {weight if weight is not None else 'cleared'}" if weights else
+                f"limit {limit if limit is not None else 'cleared'}")
     except CkeysError as exc:
         _fail(exc)
         return
-    what = f"queue {queue}" + (f" [{key}]" if key is not None else "")
-    if totals:
-        click.echo(f"{what}: total limit {'cleared' if clear_total else total}")
-    else:
-        click.echo(f"{what}: limit {'cleared' if clear else limit}")
+    click.echo(f"{what}: {said}")

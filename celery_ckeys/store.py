@@ -634,8 +634,9 @@ class Store:
         return found
 
     def queues_with_key_limits(self) -> list[str]:
-        """Every queue of the namespace where some key has a limit of its own."""
-        return [queue for queue in self._conf_queues() if self.key_limits(queue)]
+        """Every queue of the namespace where some key has a limit or a weight of its own."""
+        return [queue for queue in self._conf_queues()
+                if self.key_limits(queue) or self.key_limits(queue, what="weight")]
 
     def recorded_limits(self) -> dict[str, int]:
         """Every queue of the namespace with a recorded limit."""

@@ -106,7 +106,7 @@ def test_limits_get_and_set(env: Env) -> None:
     out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
     assert out["queues"] == [{"queue": "reports", "recorded": 5, "declared": None, "effective": 5,
                               "total": {"recorded": None, "declared": None, "effective": None},
-                              "keys": {}}]
+                              "computed": False, "keys": {}, "weights": {}}]
     assert "total limit 7" in ckeys(env, "limits", "set", "reports", "--total", "7").stdout
     out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
     assert out["queues"][0]["total"]["effective"] == 7
@@ -115,7 +115,20 @@ def test_limits_get_and_set(env: Env) -> None:
     out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
     assert out["queues"][0]["total"]["recorded"] is None
     mixed = ckeys(env, "limits", "set", "reports", "3", "--total", "7", check=False)
-    assert mixed.returncode != 0 and "two calls" in mixed.stderr
+    assert mixed.returncode != 0 and "give one of" in mixed.stderr
+    assert "queue reports [gold]: weight 3" in ckeys(env, "limits", "set", "reports", "--key",
+                                                      "gold", "--weight", "3").stdout
+    out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
+    assert out["queues"][0]["weights"] == {"gold": {"recorded": 3, "declared": None,
+                                                    "effective": 3}}
+    assert "[gold] weight" in ckeys(env, "limits", "get", "reports").stdout
+    no_key = ckeys(env, "limits", "set", "reports", "--weight", "3", check=False)
+    assert no_key.returncode != 0 and "need --key" in no_key.stderr
+    heavy = ckeys(env, "limits", "set", "reports", "--key", "gold", "--weight", "5000", check=False)
+    assert heavy.returncode != 0 and "from 1 to 1000" in heavy.stderr
+    ckeys(env, "limits", "set", "reports", "--key", "gold", "--clear-weight")
+    out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
+    assert out["queues"][0]["weights"] == {}
     table = ckeys(env, "limits", "get").stdout
     assert "reports" in table and "APPLIES" in table
     ckeys(env, "limits", "set", "reports", "--clear")

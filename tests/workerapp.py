@@ -149,6 +149,11 @@ def register(app: Celery, probe: Probe) -> None:
     def by_callable(self: Any, a: str, b: str, duration: float = 0.0) -> dict[str, Any]:
         return body(self, [f"pair:{a}-{b}"], duration)
 
+    @task(bind=True, base=KeyedTask, name="ckt.tiered", concurrency_queue=ConcurrencyQueue(
+        "tiered", limit=lambda key: 2 if key.startswith("paid:") else 1))
+    def tiered(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:
+        return body(self, labels, duration)
+
     @task(bind=True, base=KeyedTask, name="ckt.one_at_a_time", concurrency_limit=1)
     def one_at_a_time(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:
         return body(self, labels, duration)
