@@ -21,7 +21,9 @@ from typing import Any, Optional
 from .admission import slot_for_tag
 from .config import get_config
 from .naming import CONF, Tag, parse_tag
+from .publish import HEADER_FIRST_DEFERRED, HEADER_KEY, HEADER_PRIORITY
 from .queues import ConcurrencyQueue
+from .slots import FAIR_KINDS
 from .store import SlotState, Store, store_for
 
 
@@ -64,6 +66,8 @@ class Parked:
     position: int
     parked_seconds: float
     woken: bool = False
+    key: Optional[str] = None
+    priority: int = 0
 
 
 @dataclass
@@ -208,13 +212,27 @@ def _fill(store: Store, slot: SlotStatus, state: SlotState) -> None:
     for owner, expiry in state.waiting:
         if expiry > now and not any(w.task_id == owner for w in slot.waiting):
             slot.waiting.append(Waiting(task_id=owner, resuming=owner in resuming))
-    for position, (owner, first) in enumerate(woken + state.line):
+    for position, (owner, _) in enumerate(woken + state.line):
         _, _, message = state.messages.get(owner, "").partition("\n")
+        parked = _json(message)
+        headers = _headers_of(parked)
+        first = headers.get(HEADER_FIRST_DEFERRED)
         is_woken = position < len(woken)
         slot.parked.append(Parked(
-            task_id=owner, task_name=str(_json(message).get("task", "?")),
+            task_id=owner, task_name=str(parked.get("task", "?")),
             position=0 if is_woken else position - len(woken) + 1,
-            parked_seconds=0.0 if is_woken else round((now - first) / 1000, 3), woken=is_woken))
+            parked_seconds=round(max(0.0, now / 1000 - first), 3)
+            if isinstance(first, (int, float)) and not is_woken else 0.0,
+            woken=is_woken, key=headers.get(HEADER_KEY) if isinstance(headers.get(HEADER_KEY), str)
+            else None, priority=int(headers.get(HEADER_PRIORITY) or 0)))
+
+
+def _headers_of(parked: dict[str, Any]) -> dict[str, Any]:
+    """The ckeys headers of a parked message (its signature's options)."""
+    sig = parked.get("sig")
+    options = sig.get("options") if isinstance(sig, dict) else None
+    headers = options.get("headers") if isinstance(options, dict) else None
+    return headers if isinstance(headers, dict) else {}
 
 
 def _json(raw: Optional[str]) -> dict[str, Any]:
@@ -240,6 +258,21 @@ class Explanation:
         return asdict(self)
 
 
+def _fairness(line: SlotStatus, run: Parked, slots: list[SlotStatus]) -> str:
+    """Why a run waits in a fair line: whose turns come first, and what each key runs now."""
+    ahead = [p.key or "(no key)" for p in line.parked if not p.woken and p.position < run.position]
+    after = list(dict.fromkeys(ahead))  # each key once, in the order their turns come
+    running: dict[str, int] = {}
+    for s in slots:
+        if s.kind == "partition" and s.key is not None and (
+                line.kind == "env" or s.queue == line.queue):
+            running[s.key] = running.get(s.key, 0) + len(s.holders)
+    busy = ", ".join(f"{k} has {n} running" for k, n in sorted(running.items()) if n)
+    turn = (f"keys take turns here: you are next after {', '.join(after)}" if after
+            else "keys take turns here: it is your turn next")
+    return turn + (f" ({busy})" if busy else "")
+
+
 def explain(app: Any, task_id: str) -> Explanation:
     """Why ``task_id`` is or is not running: which slot blocks it and who holds that slot."""
     store = store_for(get_config(app))
@@ -260,6 +293,10 @@ def explain(app: Any, task_id: str) -> Explanation:
                     detail = (f"parked in the line of {s.label} (limit {s.limit}) at position"
                               f" {p.position}, {p.position - 1} ahead of it, waiting"
                               f" {p.parked_seconds:.0f}s; held by {held_by}")
+                    if p.priority:
+                        detail += f"; its priority is {p.priority}"
+                    if s.kind in FAIR_KINDS:
+                        detail += "; " + _fairness(s, p, slots)
                 return Explanation(task_id, "parked", slots=[s.label], blocked_by=s.label,
                                    holders=s.holders, detail=detail)
         for d in s.deferred:

@@ -3,8 +3,11 @@ priorities within a line, limits computed per key and recorded per key."""
 
 from __future__ import annotations
 
+import re
+
 from conftest import Env, wait_until
 
+from celery_ckeys.introspect import explain, status
 from celery_ckeys.naming import LINE, Names
 
 
@@ -30,6 +33,10 @@ def test_a_trickle_of_two_tenants_finishes_long_before_a_flood_sharing_a_total(e
     total = env.names.total("fair")
     wait_until(lambda: line_length(env, total) >= 20, timeout=60,
                message="the flood waits in the total's line")
+    why = explain(env.app(), flood[-1].id)
+    assert why.state == "parked" and why.blocked_by == "queue fair (total)"
+    assert "keys take turns here: you are next after flood" in why.detail, why.detail
+    assert re.search(r"\(flood has [12] running\)", why.detail), why.detail
     trickle = [work.apply_async(([f"fair:{key}", "fair:all"], 0.2), concurrency_queue="fair",
                                 concurrency_key=key) for key in ("t1", "t2") for _ in range(2)]
     for r in trickle + flood:
@@ -61,6 +68,9 @@ def test_higher_priority_runs_leave_a_line_first(env: Env) -> None:
                     .set(concurrency_key="prio", concurrency_priority=5).apply_async())
         wait_until(lambda n=n: line_length(env, env.names.key("prio")) == n + 4, timeout=60,
                    message=f"high{n} waits in the line")
+    parked = {p.task_id: p for s in status(env.app()) for p in s.parked}
+    assert parked[high[0].id].priority == 5 and parked[low[0].id].priority == 0
+    assert parked[high[0].id].key == "prio" and parked[low[0].id].parked_seconds > 0
     for r in [first, *low, *high]:
         r.get(timeout=120)
     assert starts(env, "prio:") == ["prio:holder", "prio:high0", "prio:high1", "prio:low0",
