@@ -11,6 +11,8 @@ of it) and ``bench/out/results.png``. ``bench/RESULTS.md`` is a committed copy o
     (e) broker publishes per run under contention
     (f) the scripts without Celery: pairs per second, one Redis and a 3-master Cluster; cost
         against distinct keys held and runs waiting; memory per key and per waiting run
+    (g) fair sharing: Jain's index across skewed tenants sharing a total; admission cost
+        against the number of waiting tenants
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import commands
+import fairness
 import latency
 import makespan
 import overhead
@@ -67,6 +70,8 @@ def run(quick: bool) -> dict[str, Any]:
                             for mode in ("countdown", "handoff")]
     print("(f) throughput, scaling, memory", flush=True)
     results["throughput"] = throughput.run(quick)
+    print("(g) fairness", flush=True)
+    results["fairness"] = fairness.run(quick)
     return results
 
 
@@ -190,6 +195,8 @@ def markdown(r: dict[str, Any]) -> str:
               f"| per partition in use (queue partition + environment) | {mem['bytes_per_partition']:.0f} |",
               f"| per run waiting in a line (message of {mem['waiting_message_bytes']} bytes;"
               f" a parked run stores its whole message) | {mem['bytes_per_waiting_run']:.0f} |", ""]
+    if "fairness" in r:
+        lines += fairness.markdown(r["fairness"])
     return "\n".join(lines)
 
 
