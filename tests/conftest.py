@@ -154,6 +154,10 @@ class Env:
     def log(self) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.redis.lrange(f"probe:{self.namespace}:log", 0, -1)]
 
+    def open_gate(self, gate: str) -> None:
+        """Let every ``ckt.hold_until`` run waiting on ``gate`` end."""
+        self.redis.set(f"probe:{self.namespace}:open:{gate}", 1)
+
     def events(self, ev: str) -> list[dict[str, Any]]:
         return [e for e in self.log() if e.get("ev") == ev]
 

@@ -54,8 +54,10 @@ def test_higher_priority_runs_leave_a_line_first(env: Env) -> None:
     line: the two go first, then the three in the order they came."""
     env.configure(ckeys_deferral="handoff")
     env.workers(count=1, concurrency=4)
-    work = env.app().tasks["ckt.work"]
-    first = work.apply_async((["prio:holder"], 1.0), concurrency_key="prio")
+    app = env.app()
+    work = app.tasks["ckt.work"]
+    first = app.tasks["ckt.hold_until"].apply_async((["prio:holder"], "prio"),
+                                                      concurrency_key="prio")
     wait_until(lambda: env.events("start"), timeout=60, message="the holder starts")
     low = []
     for n in range(3):
@@ -68,13 +70,36 @@ def test_higher_priority_runs_leave_a_line_first(env: Env) -> None:
                     .set(concurrency_key="prio", concurrency_priority=5).apply_async())
         wait_until(lambda n=n: line_length(env, env.names.key("prio")) == n + 4, timeout=60,
                    message=f"high{n} waits in the line")
-    parked = {p.task_id: p for s in status(env.app()) for p in s.parked}
+    parked = {p.task_id: p for s in status(app) for p in s.parked}
     assert parked[high[0].id].priority == 5 and parked[low[0].id].priority == 0
     assert parked[high[0].id].key == "prio" and parked[low[0].id].parked_seconds > 0
+    env.open_gate("prio")
     for r in [first, *low, *high]:
         r.get(timeout=120)
     assert starts(env, "prio:") == ["prio:holder", "prio:high0", "prio:high1", "prio:low0",
                                     "prio:low1", "prio:low2"]
+
+
+def test_a_key_of_weight_3_gets_three_turns_a_round(env: Env) -> None:
+    """gold (weight 3, given with the trigger-time queue) and plain each have 12 runs waiting
+    for a total of 1: of the first 8 served, 6 are gold's and 2 plain's."""
+    env.configure(ckeys_deferral="handoff")
+    env.workers(count=1, concurrency=4)
+    app = env.app()
+    work = app.tasks["ckt.work"]
+    pool = {"name": "weighted", "limit": 50, "total_limit": 1, "weights": {"gold": 3}}
+    holder = app.tasks["ckt.hold_until"].apply_async((["w:holder"], "weighted"),
+                                                       concurrency_queue=pool, concurrency_key="h")
+    wait_until(lambda: env.events("start"), timeout=60, message="the holder starts")
+    runs = [work.apply_async(([f"w:{key}"], 0.02), concurrency_queue=pool, concurrency_key=key)
+            for key in ("gold", "plain") for _ in range(12)]
+    wait_until(lambda: line_length(env, env.names.total("weighted")) == 24, timeout=60,
+               message="all 24 wait for the total")
+    env.open_gate("weighted")
+    for r in [holder, *runs]:
+        r.get(timeout=120)
+    served = starts(env, "w:")[1:9]
+    assert served.count("w:gold") == 6 and served.count("w:plain") == 2, served
 
 
 def test_a_limit_computed_per_key_and_one_recorded_for_a_key(env: Env) -> None:

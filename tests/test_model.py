@@ -46,6 +46,7 @@ from celery_ckeys.slots import Slot
 from celery_ckeys.store import Store, Wake, token_prefix
 
 EXAMPLES = int(os.environ.get("CKT_MODEL_EXAMPLES", "60"))
+BAND, TURN = 2 ** 40, 1000  # a line's score modulo BAND is its turn (lib.lua line_score)
 _ns = itertools.count()
 
 # The runs' shapes: a key mutex, a partition of queue "q" (limit changes live), a keyless
@@ -124,6 +125,7 @@ class Protocol(RuleBasedStateMachine):
         self.hosts = itertools.count()
         self.ops: list[str] = []
         self.hour = 0  # the model's clock, in copy lives (ckeys_handoff_copy_ttl)
+        self.turns: dict[str, dict[str, int]] = {}  # fair line -> key -> runs joined
 
     # -- the world around the store -------------------------------------------------
     def published(self, wakes: list[Wake]) -> None:
@@ -216,6 +218,7 @@ class Protocol(RuleBasedStateMachine):
         result = attempt("?" if handoff or msg.ticket else "")
         if result.status == "needs_message":
             result = attempt(json.dumps({"run": run.id}))
+        self.check_turns(slots, lines_before)
         self.ops.append(f"admit {run.id} {msg} handoff={handoff}: {result.status} {result.why}"
                         f" {[s.label for s in result.taken]} blocked="
                         f"{result.blocked.label if result.blocked else None} parked={result.parked}")
@@ -236,6 +239,30 @@ class Protocol(RuleBasedStateMachine):
                 assert self.in_redis(run), (run, msg)
         elif result.status == "blocked" and not result.parked:
             self.broker.append(Msg(run.id, msg.ticket, msg.home, msg.first_ms or 1, msg.born))
+
+    def check_turns(self, slots: tuple[Slot, ...], before: dict[str, list[str]]) -> None:
+        """No key starves in a fair line (lib.lua line_score): a run joins at most one turn
+        per run of its own key that joined since the line last emptied, past the line's
+        current turn, whatever the other keys have waiting."""
+        for slot in slots:
+            if not slot.fair:
+                continue
+            joined = self.turns.setdefault(slot.tag, {})
+            if not before[slot.tag]:
+                joined.clear()  # an empty line forgets its turns
+            raw = self.store.client.zrange(Names.redis_key(slot.tag, "p"), 0, -1, withscores=True)
+            now_ms = float(self.store.client.hget(Names.redis_key(slot.tag, "i"), "#v") or 0)
+            for member, score in raw:
+                who = member.decode() if isinstance(member, bytes) else member
+                if who in before[slot.tag]:
+                    continue
+                joiner = self.runs[who]
+                key = "" if joiner.kind == "queue" else joiner.key
+                turn = float(score) % BAND
+                assert turn <= now_ms + TURN * joined.get(key, 0), (
+                    f"{who} of key {key!r} joined {slot.label} at turn {turn}, past"
+                    f" {now_ms} + {joined.get(key, 0)} turns of its own key")
+                joined[key] = joined.get(key, 0) + 1
 
     def line_of(self, tag: str) -> list[str]:
         raw = self.store.client.zrange(Names.redis_key(tag, "p"), 0, -1)

@@ -149,6 +149,17 @@ def register(app: Celery, probe: Probe) -> None:
     def by_callable(self: Any, a: str, b: str, duration: float = 0.0) -> dict[str, Any]:
         return body(self, [f"pair:{a}-{b}"], duration)
 
+    @task(bind=True, base=KeyedTask, name="ckt.hold_until")
+    def hold_until(self: Any, labels: list[str], gate: str) -> dict[str, Any]:
+        """Holds its slots until the test opens ``gate`` (``Env.open_gate``), at most 60 s."""
+        deadline = time.monotonic() + 60
+        with probe.running(labels, self.request.id):
+            while not probe.client.exists(f"{probe.prefix}:open:{gate}"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"gate {gate} was never opened")
+                time.sleep(0.01)
+        return {"id": self.request.id}
+
     @task(bind=True, base=KeyedTask, name="ckt.tiered", concurrency_queue=ConcurrencyQueue(
         "tiered", limit=lambda key: 2 if key.startswith("paid:") else 1))
     def tiered(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:

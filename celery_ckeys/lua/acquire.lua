@@ -2,7 +2,8 @@
 -- docs/protocol.md sections 5 and 6.1.
 --
 -- KEYS  per slot j = 1..n: the nine role keys of lib.lua; then the n memo keys
---       ("ckeys:{tag}:x:<task id>"); then the queue conf HASHes the specs name; then, on
+--       ("ckeys:{tag}:x:<task id>"); then the queue conf HASHes the specs name (and the one
+--       that may record the run's weight, ARGV 8); then, on
 --       one Redis, the sweep index (its position is in ARGV[9]; 0 under Cluster).
 -- ARGV  1 task id
 --       2 the hold token it will hold with
