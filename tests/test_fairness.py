@@ -33,7 +33,8 @@ def test_a_trickle_of_two_tenants_finishes_long_before_a_flood_sharing_a_total(e
     total = env.names.total("fair")
     wait_until(lambda: line_length(env, total) >= 20, timeout=60,
                message="the flood waits in the total's line")
-    why = explain(env.app(), flood[-1].id)
+    last = env.coord().zrange(Names.redis_key(total, LINE), -1, -1)[0]  # the line's tail
+    why = explain(env.app(), last.decode() if isinstance(last, bytes) else last)
     assert why.state == "parked" and why.blocked_by == "queue fair (total)"
     assert "keys take turns here: you are next after flood" in why.detail, why.detail
     assert re.search(r"\(flood has [12] running\)", why.detail), why.detail
