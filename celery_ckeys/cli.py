@@ -10,6 +10,8 @@
     celery -A proj ckeys limits set QUEUE LIMIT
     celery -A proj ckeys limits set QUEUE --clear
     celery -A proj ckeys limits set QUEUE --key KEY --weight N
+    celery -A proj ckeys pause QUEUE [--key KEY]
+    celery -A proj ckeys resume QUEUE [--key KEY]
 
 Tables for people by default, ``--json`` for scripts. Registered through the
 ``celery.commands`` entry point, so ``celery`` finds it once the package is installed.
@@ -95,7 +97,8 @@ def status(ctx: click.Context, tag: Optional[str], show_all: bool, as_json: bool
         return
     rows = [["SLOT", "LIMIT", "RUNNING", "WAITING", "DEFERRED", "PARKED", "OLDEST WAIT"]]
     for s in slots:
-        rows.append([s.label, "-" if s.limit is None else str(s.limit), str(len(s.holders)),
+        limit = "paused" if s.paused else "-" if s.limit is None else str(s.limit)
+        rows.append([s.label, limit, str(len(s.holders)),
                      str(len(s.waiting)), str(len(s.deferred)), str(len(s.parked)),
                      _age(s.oldest_wait_seconds)])
     click.echo(_table(rows))
@@ -110,10 +113,10 @@ def status(ctx: click.Context, tag: Optional[str], show_all: bool, as_json: bool
     line = [(s, p) for s in slots for p in s.parked]
     if line:
         click.echo("")
-        rows = [["LINE OF", "#", "TASK ID", "TASK", "WAITING"]]
+        rows = [["LINE OF", "#", "TASK ID", "TASK", "KEY", "PRIORITY", "WAITING"]]
         for s, p in line:
             rows.append([s.label, "woken" if p.woken else str(p.position), p.task_id, p.task_name,
-                         _age(p.parked_seconds)])
+                         p.key or "-", str(p.priority), _age(p.parked_seconds)])
         click.echo(_table(rows))
 
 
@@ -203,6 +206,39 @@ def _partitions_of(store: Store, queue: str) -> list[str]:
 def _label(tag: str) -> str:
     parsed = parse_tag(tag)
     return parsed.label if parsed else tag
+
+
+def _pause_or_resume(ctx: click.Context, queue: str, key: Optional[str], pausing: bool) -> None:
+    app = _app(ctx)
+    try:
+        if pausing:
+            limits_api.pause(app, queue, key=key)
+        else:
+            limits_api.resume(app, queue, key=key)
+    except CkeysError as exc:
+        _fail(exc)
+        return
+    what = f"queue {queue}" + (f" [{key}]" if key is not None else "")
+    click.echo(f"{what}: {'paused' if pausing else 'resumed'}")
+
+
+@ckeys.command(cls=CeleryCommand)
+@click.argument("queue")
+@click.option("--key", help="pause only this key's partition")
+@click.pass_context
+def pause(ctx: click.Context, queue: str, key: Optional[str]) -> None:
+    """Start nothing new of QUEUE (or of KEY's partition) until resumed; running runs finish,
+    waiting runs keep their places. Kept in Redis: it outlives worker restarts."""
+    _pause_or_resume(ctx, queue, key, True)
+
+
+@ckeys.command(cls=CeleryCommand)
+@click.argument("queue")
+@click.option("--key", help="resume only this key's partition")
+@click.pass_context
+def resume(ctx: click.Context, queue: str, key: Optional[str]) -> None:
+    """Undo pause; the runs waiting in QUEUE's lines are woken now."""
+    _pause_or_resume(ctx, queue, key, False)
 
 
 @ckeys.group()

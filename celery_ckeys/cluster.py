@@ -31,27 +31,30 @@ class ClusterStore(Store):
     # -- limits, resolved on each queue's own tag --------------------------------------
     def _recorded(self, slot: Slot, *, record: bool,
                   seen: Optional[dict[str, dict[str, Any]]] = None
-                  ) -> tuple[Optional[int], Optional[int]]:
-        """The queue's limit (recorded, or the trigger-time one, recorded now when ``record``)
-        and the one recorded for the partition's key alone. ``seen`` keeps the conf reads of
-        one admission: its partition and total slots share one read of the queue's conf."""
+                  ) -> tuple[Optional[int], Optional[int], bool]:
+        """The queue's limit (recorded, or the trigger-time one, recorded now when ``record``),
+        the one recorded for the partition's key alone, and whether the slot is paused.
+        ``seen`` keeps the conf reads of one admission: its partition and total slots share
+        one read of the queue's conf."""
         spec = slot.limit
         if spec.queue is None or slot.conf_tag is None:
-            return None, None
+            return None, None, False
         conf = Names.redis_key(slot.conf_tag, CONF)
         seen = {} if seen is None else seen
-        own_field = f"key:{spec.key}" if spec.key is not None else None
-        if conf not in seen or (own_field is not None and own_field not in seen[conf]):
-            fields = ["limit", "total"] + ([own_field] if own_field is not None else [])
+        extra = [f"key:{spec.key}", f"paused:{spec.key}"] if spec.key is not None else []
+        if conf not in seen or any(f not in seen[conf] for f in extra):
+            fields = ["limit", "total", "paused", *extra]
             seen[conf] = dict(zip(fields, self.guarded(lambda c: c.hmget(conf, *fields))))
         got = seen[conf]
-        own = int(got[own_field]) if own_field is not None and got[own_field] is not None else None
+        own = int(got[extra[0]]) if extra and got[extra[0]] is not None else None
+        paused = not spec.total and (got["paused"] is not None or bool(
+            extra and got[extra[1]] is not None))
         if spec.trigger is not None:
             if record:
                 self.guarded(lambda c: c.hset(conf, spec.conf_field, spec.trigger))
-            return spec.trigger, own
+            return spec.trigger, own, paused
         value = got[spec.conf_field]
-        return (int(value) if value is not None else None), own
+        return (int(value) if value is not None else None), own, paused
 
     def _remembered(self, slot: Slot) -> tuple[Optional[int], Optional[int]]:
         """The declared (``#d``, else ``#l``) and computed (``#o``) limits the slot remembers,
@@ -73,7 +76,9 @@ class ClusterStore(Store):
         spec = slot.limit
         if spec.fixed is not None:
             return slot
-        recorded, own = self._recorded(slot, record=record)
+        recorded, own, paused = self._recorded(slot, record=record)
+        if paused:
+            return replace(slot, limit=LimitSpec(fixed=0), conf_tag=None)
         # a key's own limit goes before a computed one (noted, not used, then), which goes
         # before a recorded one
         local = LimitSpec(trigger=own if own is not None else recorded, declared=spec.declared,
@@ -91,10 +96,10 @@ class ClusterStore(Store):
             elif slot.when_unlimited is not None:
                 resolved.append((1, False))
             else:
-                recorded, own = self._recorded(slot, record=record, seen=seen)
+                recorded, own, paused = self._recorded(slot, record=record, seen=seen)
                 declared, computed = self._remembered(slot)
                 resolved.append(slot.limit.resolve(recorded, declared, override=own,
-                                                   remembered_computed=computed))
+                                                   remembered_computed=computed, paused=paused))
         steps = []
         for slot, (limit, _) in zip(slots, resolved):
             needed = limit is not None

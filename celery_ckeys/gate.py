@@ -389,6 +389,8 @@ class FencedContext(Context):  # type: ignore[misc]
 
 
 def _why(request: Any, result: AcquireResult) -> str:
+    if result.limit == 0:
+        return "paused (celery ckeys resume starts it again)"
     holder = result.holder
     if holder == request.id:
         return "held by another delivery of this same run (its lease has not run out)"
@@ -402,7 +404,8 @@ def on_blocked(task: Any, request: Any, config: CkeysConfig, result: AcquireResu
     blocked_by = result.blocked.label
     defer_log.info("run %s of %s deferred: %s (limit %d) is %s",
                    request.id, task.name, blocked_by, result.limit, _why(request, result))
-    defer(task, request, config, blocked_by=blocked_by, holder=result.holder, reason="busy")
+    defer(task, request, config, blocked_by=blocked_by, holder=result.holder,
+          reason="paused" if result.limit == 0 else "busy")
 
 
 def on_parked(task: Any, request: Any, result: AcquireResult) -> NoReturn:

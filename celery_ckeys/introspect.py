@@ -77,6 +77,8 @@ class SlotStatus:
     queue: Optional[str]
     key: Optional[str]
     limit: Optional[int]
+    #: the queue, or this partition, is paused (``celery ckeys pause``): its limit is 0
+    paused: bool = False
     holders: list[Holder] = field(default_factory=list)
     deferred: list[Deferred] = field(default_factory=list)
     waiting: list[Waiting] = field(default_factory=list)
@@ -125,6 +127,7 @@ def collect(store: Store, *, declared: Optional[dict[str, ConcurrencyQueue]] = N
     declared = declared or {}
     tags = store.scan_tags()
     recorded = store.recorded_limits()
+    pauses: dict[str, tuple[bool, set[str]]] = {}
     result: list[SlotStatus] = []
     for t in sorted(tags):
         parsed = parse_tag(t)
@@ -132,9 +135,10 @@ def collect(store: Store, *, declared: Optional[dict[str, ConcurrencyQueue]] = N
             continue
         state = store.read_slot(t)
         slot = SlotStatus(kind=parsed.kind, label=parsed.label, queue=parsed.queue, key=parsed.key,
-                          limit=_limit_for(store, parsed, t, declared))
+                          limit=_limit_for(store, parsed, t, declared),
+                          paused=_paused(store, parsed, pauses))
         _fill(store, slot, state)
-        busy = slot.holders or slot.deferred or slot.waiting or slot.parked
+        busy = slot.holders or slot.deferred or slot.waiting or slot.parked or slot.paused
         if not busy and not (include_idle and parsed.kind == "queue"
                              and parsed.queue in recorded and CONF in tags[t]):
             continue
@@ -143,6 +147,17 @@ def collect(store: Store, *, declared: Optional[dict[str, ConcurrencyQueue]] = N
             continue
         result.append(slot)
     return result
+
+
+def _paused(store: Store, tag: Tag, seen: dict[str, tuple[bool, set[str]]]) -> bool:
+    """Whether the slot's queue, or its partition, is paused (one conf read per queue)."""
+    if tag.queue is None or tag.kind not in ("queue", "partition"):
+        return False
+    if tag.queue not in seen:
+        seen[tag.queue] = (store.queue_limit(tag.queue, field="paused") is not None,
+                           set(store.key_limits(tag.queue, what="paused")))
+    whole, keys = seen[tag.queue]
+    return whole or (tag.kind == "partition" and tag.key in keys)
 
 
 def _limit_for(store: Store, tag: Tag, tag_string: str,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .admission import queue_limit, total_slot
+from .admission import queue_limit, slot_for_tag, total_slot
 from .introspect import declared_queues
+from .naming import LINE, parse_tag
 from .validation import check_key, check_limit, check_queue_name, check_weight
 
 
@@ -65,6 +66,51 @@ def clear_weight(app: Any, queue: str, key: str) -> None:
     _store(app).set_key_limit(queue, check_key(key), None, what="weight")
 
 
+def pause(app: Any, queue: str, *, key: Optional[str] = None) -> None:
+    """Pause ``queue`` (with ``key``: that key's partition alone): nothing new of it starts,
+    on any worker, until :func:`resume`; running runs finish, waiting runs keep their
+    places. Kept in Redis, so it outlives worker restarts."""
+    check_queue_name(queue)
+    if key is None:
+        _store(app).set_queue_limit(queue, 1, field="paused")
+    else:
+        _store(app).set_key_limit(queue, check_key(key), 1, what="paused")
+
+
+def resume(app: Any, queue: str, *, key: Optional[str] = None) -> None:
+    """Undo :func:`pause`; the runs waiting in the queue's lines are woken now, in order."""
+    check_queue_name(queue)
+    store = _store(app)
+    if key is None:
+        store.set_queue_limit(queue, None, field="paused")
+    else:
+        store.set_key_limit(queue, check_key(key), None, what="paused")
+    sweep_queue(store, queue)
+
+
+def sweep_queue(store: Any, queue: str) -> int:
+    """Sweep every line of ``queue`` now (its partitions, its own slot, its total), so that
+    room a change made (a resume, a raised limit) goes to those waiting at once rather than
+    at the next due sweep. Returns how many lines it swept."""
+    swept = 0
+    for tag, roles in store.scan_tags().items():
+        slot = slot_for_tag(store.config, store.names, tag)
+        parsed = parse_tag(tag)
+        if (slot is not None and parsed is not None and parsed.queue == queue and LINE in roles
+                and slot.kind in ("queue", "partition", "total")):
+            store.sweep(slot)
+            swept += 1
+    return swept
+
+
+def paused(app: Any, queue: str) -> dict[str, Any]:
+    """``{"queue": bool, "keys": [key, ...]}``: what of ``queue`` is paused."""
+    check_queue_name(queue)
+    store = _store(app)
+    return {"queue": store.queue_limit(queue, field="paused") is not None,
+            "keys": sorted(store.key_limits(queue, what="paused"))}
+
+
 def get_limits(app: Any, queue: str) -> dict[str, Any]:
     """What applies to ``queue`` now: ``{"queue", "recorded", "declared", "effective",
     "total": {"recorded", "declared", "effective"}, "computed": bool, "keys": {key:
@@ -95,4 +141,4 @@ def get_limits(app: Any, queue: str) -> dict[str, Any]:
              "effective": total_spec.resolve(recorded_total)[0]}
     return {"queue": queue, "recorded": recorded, "declared": declared, "effective": effective,
             "total": total, "computed": code is not None and code.computed, "keys": keys,
-            "weights": weights}
+            "weights": weights, "paused": paused(app, queue)}

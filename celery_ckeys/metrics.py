@@ -7,7 +7,7 @@ from one process with a ``MultiProcessCollector``; with threads or solo, the def
 registry works and ``prometheus_client.start_http_server`` exposes it.
 
 ``ckeys_acquisitions_total{task}``             runs that took their slots
-``ckeys_deferrals_total{task,reason}``         runs deferred (``busy`` or ``unavailable``)
+``ckeys_deferrals_total{task,reason}``         runs deferred (``busy``, ``paused`` or ``unavailable``)
 ``ckeys_releases_total{reason}``               runs that gave their slots back
 ``ckeys_admission_wait_seconds{task}``         from a run's first deferral to taking its slots
 ``ckeys_wait_for_seconds{task,outcome}``       time runs spent blocked in ``wait_for``

@@ -21,7 +21,7 @@ class ConcurrencyQueue:
     ``ckeys_environment_limit``. With a key, ``limit`` applies to each key's partition, and
     may be a callable of the key (``limit=lambda key: 10 if key.startswith("paid:") else 1``);
     ``total_limit`` caps the whole queue (every key, and runs without one) as well.
-    ``weights`` (key -> 1..1000): a key of weight w gets w turns a round when keys wait for
+    ``weights`` (key -> 1..100): a key of weight w gets w turns a round when keys wait for
     the queue's shared capacity (its total, the environment); 1 when not given.
     """
 

@@ -55,13 +55,17 @@ class LimitSpec:
 
     def resolve(self, recorded: Optional[int], remembered: Optional[int] = None,
                 override: Optional[int] = None,
-                remembered_computed: Optional[int] = None) -> tuple[Optional[int], bool]:
+                remembered_computed: Optional[int] = None,
+                paused: bool = False) -> tuple[Optional[int], bool]:
         """``(limit, fell_back)``: the limit (``None``: unlimited), and whether ``unlimited_as``
         applied. ``recorded`` is the queue's recorded limit (ignored when ``trigger`` is set),
         ``override`` the one recorded for :attr:`key` (ignored without a key);
-        ``remembered*``: what the slot remembers, standing in for code when ``remembered``."""
+        ``remembered*``: what the slot remembers, standing in for code when ``remembered``;
+        ``paused``: the queue, or the partition, is paused (limit 0)."""
         if self.fixed is not None:
             return self.fixed, False
+        if paused and not self.total:
+            return 0, False
         limit = self.trigger if self.trigger is not None else recorded
         computed = self.computed if self.computed is not None else (
             remembered_computed if self.remembered else None)
@@ -91,7 +95,10 @@ class LimitSpec:
             return f"t|{conf_position}|{_opt(self.trigger)}|{declared}|{_opt(self.cap)}"
         computed = "#" if self.remembered and self.computed is None else _opt(self.computed)
         if self.computed_noted:
-            computed = f"!{_opt(self.computed)}"
+            # remember what the code computed (none: clear it), or, without the code at hand
+            # (the sweeper), keep what the slot remembers
+            computed = "!#" if self.remembered and self.computed is None else \
+                f"!{_opt(self.computed)}"
         return (f"q|{conf_position}|{_opt(self.trigger)}|{declared}|{_opt(self.cap)}"
                 f"|{_opt(self.unlimited_as)}|{computed}|{self.key or ''}")
 

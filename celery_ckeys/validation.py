@@ -22,7 +22,7 @@ MAX_TAGS = 10
 MAX_TAG_LENGTH = 128
 #: Priorities and weights are bounded so that a line's scores stay exact (lua/lib.lua BAND).
 MAX_PRIORITY = 1000
-MAX_WEIGHT = 1000
+MAX_WEIGHT = 100
 
 
 def check_key(value: Any) -> str:

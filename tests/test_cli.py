@@ -106,7 +106,8 @@ def test_limits_get_and_set(env: Env) -> None:
     out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
     assert out["queues"] == [{"queue": "reports", "recorded": 5, "declared": None, "effective": 5,
                               "total": {"recorded": None, "declared": None, "effective": None},
-                              "computed": False, "keys": {}, "weights": {}}]
+                              "computed": False, "keys": {}, "weights": {},
+                              "paused": {"queue": False, "keys": []}}]
     assert "total limit 7" in ckeys(env, "limits", "set", "reports", "--total", "7").stdout
     out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
     assert out["queues"][0]["total"]["effective"] == 7
@@ -125,7 +126,7 @@ def test_limits_get_and_set(env: Env) -> None:
     no_key = ckeys(env, "limits", "set", "reports", "--weight", "3", check=False)
     assert no_key.returncode != 0 and "need --key" in no_key.stderr
     heavy = ckeys(env, "limits", "set", "reports", "--key", "gold", "--weight", "5000", check=False)
-    assert heavy.returncode != 0 and "from 1 to 1000" in heavy.stderr
+    assert heavy.returncode != 0 and "from 1 to 100" in heavy.stderr
     ckeys(env, "limits", "set", "reports", "--key", "gold", "--clear-weight")
     out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
     assert out["queues"][0]["weights"] == {}
@@ -136,6 +137,15 @@ def test_limits_get_and_set(env: Env) -> None:
     assert out["queues"][0]["recorded"] is None
     bad = ckeys(env, "limits", "set", "reports", "0", check=False)
     assert bad.returncode != 0 and "positive integer" in bad.stderr
+    assert "queue reports [acme]: paused" in ckeys(env, "pause", "reports", "--key", "acme").stdout
+    assert "queue reports: paused" in ckeys(env, "pause", "reports").stdout
+    out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
+    assert out["queues"][0]["paused"] == {"queue": True, "keys": ["acme"]}
+    ckeys(env, "resume", "reports")
+    assert "queue reports [acme]: resumed" in ckeys(env, "resume", "reports", "--key",
+                                                    "acme").stdout
+    out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
+    assert out["queues"][0]["paused"] == {"queue": False, "keys": []}
 
 
 def test_a_limit_set_from_the_cli_applies_to_the_next_runs(env: Env) -> None:

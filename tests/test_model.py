@@ -46,7 +46,7 @@ from celery_ckeys.slots import Slot
 from celery_ckeys.store import Store, Wake, token_prefix
 
 EXAMPLES = int(os.environ.get("CKT_MODEL_EXAMPLES", "60"))
-BAND, TURN = 2 ** 40, 1000  # a line's score modulo BAND is its turn (lib.lua line_score)
+BAND, TURN = 2 ** 40, 10000  # a line's score modulo BAND is its turn (lib.lua line_score)
 _ns = itertools.count()
 
 # The runs' shapes: a key mutex, a partition of queue "q" (limit changes live), a keyless
@@ -125,7 +125,7 @@ class Protocol(RuleBasedStateMachine):
         self.hosts = itertools.count()
         self.ops: list[str] = []
         self.hour = 0  # the model's clock, in copy lives (ckeys_handoff_copy_ttl)
-        self.turns: dict[str, dict[str, int]] = {}  # fair line -> key -> runs joined
+        self.turns: dict[str, dict[tuple[int, str], int]] = {}  # line -> (priority, key) -> joined
 
     # -- the world around the store -------------------------------------------------
     def published(self, wakes: list[Wake]) -> None:
@@ -249,19 +249,20 @@ class Protocol(RuleBasedStateMachine):
                 continue
             joined = self.turns.setdefault(slot.tag, {})
             if not before[slot.tag]:
-                joined.clear()  # an empty line forgets its turns
+                joined.clear()  # an empty line has no turns left to give
             raw = self.store.client.zrange(Names.redis_key(slot.tag, "p"), 0, -1, withscores=True)
-            now_ms = float(self.store.client.hget(Names.redis_key(slot.tag, "i"), "#v") or 0)
             for member, score in raw:
                 who = member.decode() if isinstance(member, bytes) else member
                 if who in before[slot.tag]:
                     continue
                 joiner = self.runs[who]
-                key = "" if joiner.kind == "queue" else joiner.key
+                key = (joiner.priority, "" if joiner.kind == "queue" else joiner.key)
+                now = float(self.store.client.hget(Names.redis_key(slot.tag, "i"),
+                                                   f"#v:{joiner.priority}") or 0)
                 turn = float(score) % BAND
-                assert turn <= now_ms + TURN * joined.get(key, 0), (
-                    f"{who} of key {key!r} joined {slot.label} at turn {turn}, past"
-                    f" {now_ms} + {joined.get(key, 0)} turns of its own key")
+                assert turn <= now + TURN * joined.get(key, 0), (
+                    f"{who} of {key} joined {slot.label} at turn {turn}, past"
+                    f" {now} + {joined.get(key, 0)} turns of its own key")
                 joined[key] = joined.get(key, 0) + 1
 
     def line_of(self, tag: str) -> list[str]:

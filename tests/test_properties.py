@@ -128,11 +128,11 @@ small = st.one_of(st.none(), st.integers(1, 5))
           suppress_health_check=[HealthCheck.too_slow])
 @given(fixed=small, trigger=small, declared=small, cap=small, recorded=small, own=small,
        per_key=st.booleans(), key=st.sampled_from(["k", "a|b", "k:{x}|5|"]),
-       total=st.booleans(), computed=small)
+       total=st.booleans(), computed=small, paused=st.sampled_from(["", "queue", "key"]))
 def test_lua_and_python_resolve_a_limit_the_same_way(fixed: Any, trigger: Any, declared: Any,
                                                      cap: Any, recorded: Any, own: Any,
                                                      per_key: bool, key: str, total: bool,
-                                                     computed: Any) -> None:
+                                                     computed: Any, paused: str) -> None:
     config = from_conf({"ckeys_redis_url": store_url()}, default_namespace=f"lim-{next(_ns)}")
     store = Store(config)
     names = store.names
@@ -144,6 +144,9 @@ def test_lua_and_python_resolve_a_limit_the_same_way(fixed: Any, trigger: Any, d
                 conf_tag=None if fixed is not None else names.queue("q"))
     store.set_queue_limit("q", recorded, field="total" if total else "limit")
     store.set_key_limit("q", key, own)  # a key's own limit: read only for a partition
-    python, _ = spec.resolve(recorded, override=own)
+    store.set_queue_limit("q", 1 if paused == "queue" else None, field="paused")
+    store.set_key_limit("q", key, 1 if paused == "key" else None, what="paused")
+    python, _ = spec.resolve(recorded, override=own,
+                             paused=paused == "queue" or (paused == "key" and spec.key is not None))
     assert store.resolve_limits([slot]) == [python]
     store.close()

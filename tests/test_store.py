@@ -280,12 +280,12 @@ def test_keys_waiting_for_a_total_are_served_round_robin_and_by_weight(store: St
         assert got.parked and got.blocked is not None and got.blocked.kind == "total"
         parked.append((runs, who))
     served = serve_in_turn(store, (x, "x", held), parked, woken)
-    # virtual starts: A 0, 1000, 2000...; B (weight 2) 0, 500, 1000; C 0, 1000 (equal starts:
-    # by task id)
+    # virtual starts: A 0, 10000, 20000...; B (weight 2) 0, 5000, 10000; C 0, 10000 (equal
+    # starts: by task id)
     assert served == ["a1", "b1", "c1", "b2", "a2", "b3", "c2", "a3", "a4", "a5"]
     total = next(t for t in slots(store, queue=queue, key="A") if t.kind == "total")
     info = store.read_slot(total.tag).info
-    assert not [f for f in info if f.startswith("#F") or f == "#v"], "a drained line kept turns"
+    assert not [f for f in info if f.startswith(("#F", "#n", "#k"))], "a drained line kept turns"
 
 
 def test_a_recorded_weight_goes_before_the_declared_one(store: Store) -> None:
@@ -305,7 +305,7 @@ def test_a_recorded_weight_goes_before_the_declared_one(store: Store) -> None:
         assert store.acquire(plan.slots, who, token(who), message="m", new_ticket=f"t{who}",
                              place=plan.place(0, 0)).parked
         parked.append((plan.slots, who))
-    # A (recorded weight 2) starts 0, 500, 1000; B (recorded 1 beats declared 3) 0, 1000
+    # A (recorded weight 2) starts 0, 5000, 10000; B (recorded 1 beats declared 3) 0, 10000
     assert serve_in_turn(store, (x, "x", held), parked, woken) == ["a1", "b1", "a2", "a3", "b2"]
 
 
@@ -324,6 +324,32 @@ def test_a_line_serves_higher_priority_first_then_first_come(store: Store) -> No
         parked.append((s, who))
     served = serve_in_turn(store, (s, "h", held), parked, woken)
     assert served == ["high1", "high2", "low1", "low2", "neg"]
+
+
+def test_a_paused_queue_starts_nothing_and_resume_wakes_its_line(store: Store) -> None:
+    """Pause (issue 13): limit 0 while paused, the running run keeps its unit, the waiting
+    run keeps its place; resuming, a sweep of the queue's lines wakes it."""
+    from celery_ckeys.limits import sweep_queue
+
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    queue = ConcurrencyQueue("Q", limit=2)
+    a, b = slots(store, queue=queue, key="a"), slots(store, queue=queue, key="b")
+    ok, held = take(store, a, "r1")
+    assert ok
+    store.set_key_limit("Q", "a", 1, what="paused")
+    got = store.acquire(a, "r2", token("r2"), message="m", new_ticket="tr2")
+    assert got.parked and got.limit == 0, "a paused partition admitted a run"
+    assert take(store, b, "r3")[0], "pausing one key's partition held another key"
+    store.set_queue_limit("Q", 1, field="paused")
+    assert store.acquire(b, "r4", token("r4")).limit == 0, "a paused queue admitted a run"
+    assert store.renew_many([(a, "r1", held, "hold")]) == [1], "the running run lost its unit"
+    store.release(a, "r1", held)
+    assert not woken, "a run was woken while its partition is paused"
+    store.set_queue_limit("Q", None, field="paused")
+    store.set_key_limit("Q", "a", None, what="paused")
+    assert sweep_queue(store, "Q") >= 1
+    assert [w.ticket for w in woken] == ["tr2"]
 
 
 def test_a_limit_that_comes_and_goes_never_splits_a_key(store: Store) -> None:

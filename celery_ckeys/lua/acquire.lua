@@ -233,7 +233,7 @@ if parking then
         "weight:" .. fkey)
       w = tonumber(recorded or "") or tonumber(weight) or 1
     end
-    redis.call("ZADD", key(b, P), line_score(b, order ~= 0 and order or NOW, priority,
+    redis.call("ZADD", key(b, P), line_score(b, who, order ~= 0 and order or NOW, priority,
       kept or kept_elsewhere == "1", is_fair, fkey, w), who)
   end
   redis.call("HSET", key(b, M), who, (ticket ~= "" and ticket or new_ticket) .. "\n" .. message)

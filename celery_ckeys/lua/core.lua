@@ -41,11 +41,13 @@ end
 -- The queue-limit rule (docs/protocol.md section 1; LimitSpec.resolve in limits.py is the
 -- same rule and a property test keeps them equal). A spec is
 --   "=N"                 a fixed limit N (a key mutex, the environment)
---   "q|c|s|d|x|u|o|k"    a queue's limit: the limit recorded for key k alone (a partition;
+--   "q|c|s|d|x|u|o|k"    a queue's limit: 0 while the queue ("paused" in conf KEYS[c]) or
+--                        the partition ("paused:"..k) is paused; else the limit recorded
+--                        for key k alone (a partition;
 --                        field "key:"..k of conf KEYS[c]), else o (computed for k by the
 --                        queue's callable; "#": the one remembered on slot j as "#o";
---                        "!N": N is only remembered there, "!" nothing is: the limit is
---                        resolved already),
+--                        "!N": N is only remembered there ("!": none is), "!#": the
+--                        remembered one is kept: the limit is resolved already),
 --                        else s (a trigger-time limit,
 --                        recorded in conf KEYS[c], c > 0, when write is true), else the
 --                        recorded one, else d (declared in code; "#" = the limit last
@@ -83,8 +85,8 @@ end
 -- one remembered on slot j (the sweeper has no code to compute it with)
 local function computed(j, o)
   if string.sub(o, 1, 1) == "!" then
-    if o ~= "!" then
-      COMP[j] = string.sub(o, 2)
+    if o ~= "!#" then
+      COMP[j] = string.sub(o, 2) -- "" clears it: the run's code computes none
     end
     return nil
   elseif o ~= "#" then
@@ -137,15 +139,21 @@ local function resolve_limit(spec, j, write)
     error("bad limit spec " .. spec)
   end
   local conf = c ~= "0" and KEYS[tonumber(c)] or nil
-  local recorded, own = nil, nil -- one read of the queue's conf for both
+  local recorded, own, paused = nil, nil, false -- one read of the queue's conf for all
   if conf then
-    local got = redis.call("HMGET", conf, "limit", "key:" .. k, "total")
+    local got = redis.call("HMGET", conf, "limit", "key:" .. k, "total", "paused",
+      "paused:" .. k)
     recorded, own = tonumber(got[1] or ""), k ~= "" and tonumber(got[2] or "") or nil
     RECORDED_TOTAL[conf] = got[3] or false -- the total slot comes later in the plan
+    paused = got[4] or (k ~= "" and got[5])
   end
   local decl = declared(j, d)
   local given = triggered(conf, "limit", s, write) -- recorded even when the key's own applies
-  local lim = own or computed(j, o) or given or recorded or decl
+  if paused then
+    return 0, false -- paused: nothing new starts, nobody in line is woken (S1 with 0)
+  end
+  local comp = computed(j, o) -- remembered even when the key's own limit applies
+  local lim = own or comp or given or recorded or decl
   local cap = tonumber(x)
   if lim == nil or (cap ~= nil and cap < lim) then
     lim = cap

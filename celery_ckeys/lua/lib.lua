@@ -38,7 +38,7 @@ local BAND = 2 ^ 40 -- ms: 34 years of first deferrals, or 10^9 turns of a fair 
 local EPOCH = 1.7e12 -- ms: November 2023
 local KEPT = -2048 * BAND -- the class of a run that keeps units of earlier slots
 local HEAD_OF_LINE = -4096 * BAND -- a woken run put back in line: before everybody
-local TURN = 1000 -- virtual time one turn of a key of weight 1 takes in a fair line
+local TURN = 10000 -- virtual time one turn of a key of weight 1 takes (weights: 1..100)
 
 -- Live units (holds and reservations) of a full slot; markers (score -1) are not units.
 local function units(j)
@@ -50,25 +50,30 @@ local function some_holder(j)
   return redis.call("ZRANGEBYSCORE", key(j, H), 0, "+inf", "LIMIT", 0, 1)[1] or ""
 end
 
--- Fair lines (the shared slots: a queue's total, the environment) order runs by start-time
--- fair queuing: a run of key k starts at max(#v, #F:k), and k's next run a turn (TURN /
--- weight) later; #v is the start of the run last woken. Keys are served round robin, a key of
--- weight w w turns a round, and within a key first come first served. The line's state
--- lives in its info hash while the line is not empty.
-local function fair_start(j, fkey, weight)
+-- Fair lines (the shared slots: a queue's total, the environment) order runs of one
+-- priority p by start-time fair queuing: a run of key k starts at max(#v:p, #F:p:k), and k's
+-- next run a turn (TURN / weight) later; #v:p is the start of the run of priority p last
+-- woken. Keys are served round robin, a key of weight w w turns a round, and within a key
+-- first come first served. #n:p:k counts k's runs waiting in the line (each notes its class
+-- and key in #k:<task id>); when none is left the key's turns are forgotten, so a key that
+-- starts waiting again gets the current turn and the state is bounded by the runs waiting.
+local function fair_start(j, who, fkey, weight, priority)
   local i = key(j, I)
-  local got = redis.call("HMGET", i, "#v", "#F:" .. fkey)
-  local v = tonumber(got[1] or "0")
-  local start = math.max(v, tonumber(got[2] or "0"))
-  redis.call("HSET", i, "#v", v, "#F:" .. fkey, start + math.max(1, math.floor(TURN / weight)))
+  local pk = priority .. ":" .. fkey
+  local got = redis.call("HMGET", i, "#v:" .. priority, "#F:" .. pk)
+  local start = math.max(tonumber(got[1] or "0"), tonumber(got[2] or "0"))
+  start = math.min(start, BAND - 1) -- 10^8 turns without a pause: ties, never another class
+  redis.call("HSET", i, "#fair", 1, "#F:" .. pk, start + math.max(1, math.floor(TURN / weight)),
+    "#k:" .. who, pk)
+  redis.call("HINCRBY", i, "#n:" .. pk, 1)
   return start
 end
 
 -- Where a parking run goes in slot j's line: its score (see BAND).
-local function line_score(j, at, priority, kept, fair, fkey, weight)
+local function line_score(j, who, at, priority, kept, fair, fkey, weight)
   local t
   if fair then
-    t = fair_start(j, fkey, weight)
+    t = fair_start(j, who, fkey, weight, priority)
     kept = false -- in a fair line the turn decides, not what the run keeps elsewhere
   else
     t = math.max(0, math.min(at - EPOCH, BAND - 1))
@@ -76,28 +81,25 @@ local function line_score(j, at, priority, kept, fair, fkey, weight)
   return (kept and KEPT or 0) - priority * BAND + t
 end
 
--- A run with this score was woken from fair line j: virtual time moves to its start.
-local function fair_advance(j, score)
+-- Run `who` leaves fair line j: woken (score: its score; virtual time moves to its start),
+-- or dropped (nil). A no-op for a line that is not fair, or a run put back at its head.
+local function fair_leave(j, who, score)
   local i = key(j, I)
-  local v = tonumber(redis.call("HGET", i, "#v") or "0")
-  local t = tonumber(score) % BAND
-  if t > v then
-    redis.call("HSET", i, "#v", t)
+  local pk = redis.call("HGET", i, "#k:" .. who)
+  if not pk then
+    return
   end
-end
-
--- The line is empty: its keys' turns are forgotten (a new backlog starts even).
-local function fair_reset(j)
-  local i = key(j, I)
-  local cursor = "0"
-  repeat
-    local got = redis.call("HSCAN", i, cursor, "MATCH", "#F:*", "COUNT", 1000)
-    cursor = got[1]
-    for n = 1, #got[2], 2 do
-      redis.call("HDEL", i, got[2][n])
+  redis.call("HDEL", i, "#k:" .. who)
+  local p = string.match(pk, "^(%-?%d+):")
+  if score then
+    local t = tonumber(score) % BAND
+    if t > tonumber(redis.call("HGET", i, "#v:" .. p) or "0") then
+      redis.call("HSET", i, "#v:" .. p, t)
     end
-  until cursor == "0"
-  redis.call("HDEL", i, "#v")
+  end
+  if redis.call("HINCRBY", i, "#n:" .. pk, -1) <= 0 then
+    redis.call("HDEL", i, "#n:" .. pk, "#F:" .. pk)
+  end
 end
 
 local function starts_with(s, prefix)
@@ -130,9 +132,6 @@ end
 local function settle(j, lease)
   TOUCHED[j] = nil
   local h, i = key(j, H), key(j, I)
-  if redis.call("HEXISTS", i, "#v") == 1 and redis.call("EXISTS", key(j, P)) == 0 then
-    fair_reset(j)
-  end
   if redis.call("EXISTS", key(j, P), key(j, R), key(j, M)) > 0 then
     redis.call("PERSIST", h)
     redis.call("PERSIST", i)
@@ -199,7 +198,7 @@ local function refill(j, lim, window, idx)
     return
   end
   local room = lim and (lim - units(j)) or 1000000
-  local fair = redis.call("HEXISTS", key(j, I), "#v") == 1
+  local fair = redis.call("HEXISTS", key(j, I), "#fair") == 1
   while room > 0 do
     local first = redis.call("ZRANGE", key(j, R), 0, 0)[1]
     local given = false
@@ -217,8 +216,8 @@ local function refill(j, lim, window, idx)
         redis.call("ZADD", key(j, P), head[2], head[1])
         break
       end
-      if given and fair then
-        fair_advance(j, head[2])
+      if fair then
+        fair_leave(j, head[1], given and head[2] or nil) -- not given: it had no message
       end
     end
     if given then

@@ -73,6 +73,7 @@ for j = 1, N do
     end
     if redis.call("ZREM", key(j, P), who) == 1 then
       redis.call("HDEL", key(j, M), who)
+      fair_leave(j, who, nil)
     end
     redis.call("HDEL", key(j, F), who)
   end
