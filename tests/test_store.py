@@ -326,6 +326,77 @@ def test_a_line_serves_higher_priority_first_then_first_come(store: Store) -> No
     assert served == ["high1", "high2", "low1", "low2", "neg"]
 
 
+def park_in_turn(store: Store, queue: ConcurrencyQueue, who: str, key: str,
+                 priority: int = 0) -> tuple[Any, str]:
+    plan = plan_for(store.config, RunSpec(task_name="t", queue=queue, key=key))
+    assert plan is not None
+    got = store.acquire(plan.slots, who, token(who), message="m", new_ticket=f"t{who}",
+                        place=plan.place(0, priority))
+    assert got.parked, got
+    return plan.slots, who
+
+
+def test_a_higher_priority_run_leaves_the_turns_of_lower_ones_alone(store: Store) -> None:
+    """Review finding 1: waking A's priority-1 run moved the one virtual clock to A's next
+    turn, so C, arriving next at priority 0, waited behind all five A runs."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    queue = ConcurrencyQueue("Q", limit=50, total_limit=1)
+    x = slots(store, queue=queue, key="X")
+    ok, held = take(store, x, "x")
+    assert ok
+    parked = [park_in_turn(store, queue, f"a{n}", "A") for n in range(1, 6)]
+    parked.append(park_in_turn(store, queue, "ahi", "A", priority=1))
+    store.release(x, "x", held)  # wakes ahi
+    first = woken.pop(0)
+    parked.append(park_in_turn(store, queue, "c1", "C"))
+    ahi = parked[5][0]
+    tok = token("ahi", ticket=first.ticket)
+    assert store.acquire(ahi, "ahi", tok, ticket=first.ticket, home=first.tag).ok
+    served = serve_in_turn(store, (ahi, "ahi", tok), parked, woken)
+    assert served.index("c1") <= 1, served
+
+
+def test_runs_that_leave_a_fair_line_unserved_give_their_keys_turns_back(store: Store) -> None:
+    """Review findings 4 and 5: ten A runs forfeited (revoked) kept A's turns, so A's next
+    run waited behind all of B; and a key's turns are kept only while it has runs waiting."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    queue = ConcurrencyQueue("Q", limit=50, total_limit=1)
+    x = slots(store, queue=queue, key="X")
+    ok, held = take(store, x, "x")
+    assert ok
+    gone = [park_in_turn(store, queue, f"a{n}", "A") for n in range(10)]
+    parked = [park_in_turn(store, queue, f"b{n}", "B") for n in range(10)]
+    for runs, who in gone:
+        store.forfeit(runs, who, f"t{who}")
+    parked.append(park_in_turn(store, queue, "anew", "A"))
+    served = serve_in_turn(store, (x, "x", held), parked, woken)
+    assert served.index("anew") <= 1, served
+    total = next(t for t in x if t.kind == "total")
+    left = [f for f in store.read_slot(total.tag).info if f.startswith(("#F", "#n", "#k"))]
+    assert not left, f"turns kept with nobody waiting: {left}"
+
+
+def test_a_computed_limit_the_code_dropped_is_forgotten_by_the_sweeper(store: Store) -> None:
+    """Review finding 2: under Cluster the partition kept remembering a callable's limit (5)
+    after every run's code said 1, and the sweeper woke three runs into a limit of 1."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    before = plan_for(store.config, RunSpec(task_name="t", key="k", computed_limit=5,
+                                            queue=ConcurrencyQueue("Q", limit=lambda key: 5)))
+    after = plan_for(store.config, RunSpec(task_name="t", key="k", queue=ConcurrencyQueue("Q", 1)))
+    assert before is not None and after is not None
+    assert store.acquire(before.slots, "r0", token("r0")).ok
+    for who in ("r1", "r2", "r3"):
+        got = store.acquire(after.slots, who, token(who), message="m", new_ticket=f"t{who}")
+        assert got.parked and got.limit == 1
+    sweeper = slot_for_tag(store.config, store.names, after.slots[0].tag)
+    assert sweeper is not None and store.resolve_limits([sweeper]) == [1]
+    store.sweep(sweeper)
+    assert not woken, "the sweeper refilled past the limit with a computed limit long gone"
+
+
 def test_a_paused_queue_starts_nothing_and_resume_wakes_its_line(store: Store) -> None:
     """Pause (issue 13): limit 0 while paused, the running run keeps its unit, the waiting
     run keeps its place; resuming, a sweep of the queue's lines wakes it."""
