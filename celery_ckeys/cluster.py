@@ -202,7 +202,8 @@ class ClusterStore(Store):
             step_mode = "claimed" if mode == "run" and claimed_home else mode
             result = Store.acquire(self, [fixed], who, token, mode=step_mode, ticket=ticket,
                                    new_ticket=new_ticket, message=message,
-                                   place=replace(place, kept=True) if keeps_home else place,
+                                   place=replace(place, kept=keeps_home,
+                                                 replace=place.replace and i == 0),
                                    primary=1)
             if not result.ok:
                 # a home unit claimed before a later full slot stays kept, whether the run

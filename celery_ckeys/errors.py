@@ -44,6 +44,11 @@ class InvalidConcurrencyPriority(CkeysError, ValueError):
     """A ``concurrency_priority`` that is not an ``int`` from -1000 to 1000."""
 
 
+class InvalidConcurrencyPolicy(CkeysError, ValueError):
+    """A ``concurrency_policy`` that is not one of ``"wait"``, ``"skip"``,
+    ``"cancel_running"`` or ``"keep_latest"``."""
+
+
 class InvalidTags(CkeysError, ValueError):
     """Tags that are not a list of at most 10 strings of at most 128 characters."""
 

@@ -27,18 +27,21 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable, NoReturn, Optional
 
+from celery import states
 from celery.app.task import Context
 from celery.exceptions import Ignore, Reject, Retry
 
-from . import handoff, metrics, signals
+from . import conflict, handoff, metrics, signals
 from .admission import Plan, RunSpec, plan_for, slot_for_tag
 from .config import CkeysConfig, get_config
 from .errors import CkeysError, CoordinationUnavailable, MalformedHeader, describe
 from .heartbeat import Holding, heartbeat
 from .publish import (
     ALL_HEADERS,
+    HEADER_DEFERRALS,
     HEADER_FIRST_DEFERRED,
     HEADER_KEY,
+    HEADER_POLICY,
     HEADER_PRIORITY,
     HEADER_QUEUE,
     HEADER_RESUME,
@@ -53,7 +56,7 @@ from .publish import (
 from .queues import ConcurrencyQueue, coerce_queue
 from .slots import Slot
 from .store import AcquireResult, Store, store_for, token_prefix
-from .validation import check_key, check_priority, check_tags
+from .validation import check_key, check_policy, check_priority, check_tags
 
 acquire_log = logging.getLogger("celery_ckeys.acquire")
 defer_log = logging.getLogger("celery_ckeys.defer")
@@ -150,6 +153,27 @@ def run_spec(task: Any, headers: dict[str, Any], args: Any, kwargs: Any) -> RunS
     return RunSpec(task_name=task.name, key=key, queue=queue, queue_from_trigger=from_trigger,
                    declared_limit=declared_limit, declared_total=declared_total,
                    computed_limit=computed)
+
+
+def _replaced_already(task: Any, request: Any) -> bool:
+    """A copy deferred with a countdown whose run a later keep_latest run replaced: its result
+    is REVOKED already (a worker that missed the revoke broadcast would run it otherwise)."""
+    try:
+        return bool(task.AsyncResult(request.id).state == states.REVOKED)
+    except Exception:  # no result backend, or it is down: the revoke broadcast is all there is
+        return False
+
+
+def policy_of(headers: dict[str, Any]) -> str:
+    """The run's conflict policy ("wait" when none was given)."""
+    raw = headers.get(HEADER_POLICY)
+    if raw is None:
+        return "wait"
+    try:
+        return check_policy(raw)
+    except CkeysError as exc:
+        raise MalformedHeader(f"run arrived with an invalid '{HEADER_POLICY}' header: {exc}",
+                              header=HEADER_POLICY, value=raw) from None
 
 
 def priority_of(headers: dict[str, Any]) -> int:
@@ -295,12 +319,25 @@ def admit(task: Any, request: Any, store: Store, plan: Plan, headers: dict[str, 
     order_ms = int(float(first) * 1000) if isinstance(first, (int, float)) else 0
     new_ticket = ticket or uuid.uuid4().hex[:16]
 
-    place = plan.place(order_ms, priority_of(headers))
+    policy = policy_of(headers) if not ticket else "wait"  # a woken copy's run already waited
+    place = replace(plan.place(order_ms, priority_of(headers)), replace=policy == "keep_latest")
 
-    def attempt(message: str) -> AcquireResult:
+    def attempt(message: str, primary: int = plan.primary) -> AcquireResult:
         return store.acquire(slots, request.id, token, ticket=ticket, new_ticket=new_ticket,
-                             message=message, place=place, primary=plan.primary, home=home)
+                             message=message, place=place, primary=primary, home=home)
+    if policy == "keep_latest" and headers.get(HEADER_DEFERRALS) and _replaced_already(task, request):
+        raise Ignore("replaced by a later run (keep_latest)")
     try:
+        if policy in ("skip", "cancel_running"):
+            # a look first: a fresh run that is blocked changes nothing when it neither parks
+            # nor records a deferral (primary 0)
+            result = attempt("", primary=0)
+            if result.ok:
+                return hold(task, request, store, plan, token, ticket, result)
+            if result.status == "blocked" and result.blocked == plan.slots[0]:
+                if policy == "skip":
+                    conflict.skip(task, request, result)
+                conflict.cancel_holder(task, request, result)
         # a copy woken from a line goes back to a line whatever this worker's deferral (its
         # run is then always in Redis, and its copies may expire: protocol.md section 5)
         result = attempt("?" if config.deferral == "handoff" or ticket else "")
@@ -318,6 +355,8 @@ def admit(task: Any, request: Any, store: Store, plan: Plan, headers: dict[str, 
                        else "the run waits in a line in Redis")
         raise Ignore(f"copy of a run that {result.why}")
     if result.status == "blocked":
+        if result.replaced:
+            conflict.replaced(task, request, result, result.replaced)
         if result.parked:
             on_parked(task, request, result)
         on_blocked(task, request, config, result)

@@ -9,6 +9,8 @@ registry works and ``prometheus_client.start_http_server`` exposes it.
 ``ckeys_acquisitions_total{task}``             runs that took their slots
 ``ckeys_deferrals_total{task,reason}``         runs deferred (``busy``, ``paused`` or ``unavailable``)
 ``ckeys_releases_total{reason}``               runs that gave their slots back
+``ckeys_policy_decisions_total{task,decision}`` conflict policies applied (``skipped``,
+                                               ``cancelled``, ``replaced``)
 ``ckeys_admission_wait_seconds{task}``         from a run's first deferral to taking its slots
 ``ckeys_wait_for_seconds{task,outcome}``       time runs spent blocked in ``wait_for``
 ``ckeys_slots_held``                           slots held right now by this process's runs
@@ -43,6 +45,8 @@ def enable() -> None:
         deferred=Counter("ckeys_deferrals_total", "Runs deferred because a slot was busy or"
                          " Redis was unavailable", ["task", "reason"]),
         released=Counter("ckeys_releases_total", "Runs that gave their slots back", ["reason"]),
+        decided=Counter("ckeys_policy_decisions_total", "Conflict policies applied",
+                        ["task", "decision"]),
         admission_wait=Histogram("ckeys_admission_wait_seconds", "From a run's first deferral"
                                  " to taking its slots", ["task"], buckets=buckets),
         wait_for=Histogram("ckeys_wait_for_seconds", "Time runs spent blocked in wait_for",
@@ -67,6 +71,11 @@ def acquired(task: Any, slots: int, waited: float) -> None:
 def deferred(task: Any, reason: str) -> None:
     if _metrics:
         _metrics["deferred"].labels(_name(task), reason).inc()
+
+
+def decided(task: Any, decision: str) -> None:
+    if _metrics:
+        _metrics["decided"].labels(_name(task), decision).inc()
 
 
 def released(slots: int, reason: str) -> None:

@@ -13,11 +13,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .errors import InvalidConcurrencyKey, InvalidConcurrencyQueue
 from .queues import ConcurrencyQueue, coerce_queue
-from .validation import check_key, check_priority, check_tags
+from .validation import check_key, check_policy, check_priority, check_tags
 
 HEADER_KEY = "concurrency_key"
 HEADER_QUEUE = "concurrency_queue"
 HEADER_PRIORITY = "concurrency_priority"
+HEADER_POLICY = "concurrency_policy"
 HEADER_TAGS = "ckeys_tags"
 HEADER_DEFERRALS = "ckeys_deferrals"
 HEADER_FIRST_DEFERRED = "ckeys_first_deferred"
@@ -30,8 +31,8 @@ HEADER_RESUME = "ckeys_resume"
 #: request once the run is admitted).
 PER_STAY = (HEADER_TICKET, HEADER_DEFERRALS, HEADER_FIRST_DEFERRED)
 #: Every header celery_ckeys reads on the worker.
-ALL_HEADERS = (HEADER_KEY, HEADER_QUEUE, HEADER_PRIORITY, HEADER_TAGS, HEADER_WAIT_CHAIN,
-               HEADER_RESUME, *PER_STAY)
+ALL_HEADERS = (HEADER_KEY, HEADER_QUEUE, HEADER_PRIORITY, HEADER_POLICY, HEADER_TAGS,
+               HEADER_WAIT_CHAIN, HEADER_RESUME, *PER_STAY)
 
 
 def deferred_headers(headers: Mapping[str, Any], now: float) -> dict[str, Any]:
@@ -73,6 +74,7 @@ HEADER_FOR_OPTION = {
     "concurrency_key": HEADER_KEY,
     "concurrency_queue": HEADER_QUEUE,
     "concurrency_priority": HEADER_PRIORITY,
+    "concurrency_policy": HEADER_POLICY,
     "tags": HEADER_TAGS,
 }
 
@@ -118,7 +120,8 @@ def prepare(options: dict[str, Any], *, task: Any = None,
     has_options = any(name in options for name in HEADER_FOR_OPTION)
     given = options.get("headers")
     if not has_options and not given and (task is None or (
-            task.concurrency_key is None and not getattr(task, "concurrency_priority", 0))):
+            task.concurrency_key is None and not getattr(task, "concurrency_priority", 0)
+            and getattr(task, "concurrency_policy", "wait") == "wait")):
         return
     headers = dict(given or {})
     key = options.pop("concurrency_key", None)
@@ -144,6 +147,15 @@ def prepare(options: dict[str, Any], *, task: Any = None,
         headers[HEADER_PRIORITY] = check_priority(priority)
     elif HEADER_PRIORITY in headers:
         check_priority(headers[HEADER_PRIORITY])
+
+    policy = options.pop("concurrency_policy", None)
+    if policy is None and task is not None and HEADER_POLICY not in headers:
+        declared = getattr(task, "concurrency_policy", "wait")
+        policy = declared if declared != "wait" else None
+    if policy is not None:
+        headers[HEADER_POLICY] = check_policy(policy)
+    elif HEADER_POLICY in headers:
+        check_policy(headers[HEADER_POLICY])
 
     _check_computed_limit(task, headers)
 

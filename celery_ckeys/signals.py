@@ -23,6 +23,13 @@ Custom signals (connect to them as to any Celery signal)::
     (``"done"``, ``"timeout"`` or ``"starved"``)
     A run stopped blocking in ``wait_for`` (it then takes its slots back).
 
+``run_skipped``     sender=task; ``task_id``, ``blocked_by``, ``holder``
+    A run with ``concurrency_policy="skip"`` found its slot full and did not run (REVOKED).
+``run_cancelled``   sender=task; ``task_id`` (the run cancelled), ``by``, ``blocked_by``
+    A run with ``"cancel_running"`` revoked (terminated) the run holding its slot.
+``run_replaced``    sender=task; ``task_id`` (the run replaced), ``by``, ``blocked_by``
+    A run with ``"keep_latest"`` replaced a run of its task waiting on its slot (REVOKED).
+
 Receivers run in the process where the event happens: the pool process for all but
 ``slots_released`` with reason ``"worker-lost"``, which the worker's main process sends.
 """
@@ -39,6 +46,9 @@ slots_acquired = Signal(name="ckeys_slots_acquired",
 key_acquired = slots_acquired
 run_deferred = Signal(name="ckeys_run_deferred",
                       providing_args={"task_id", "blocked_by", "holder", "countdown", "reason"})
+run_skipped = Signal(name="ckeys_run_skipped", providing_args={"task_id", "blocked_by", "holder"})
+run_cancelled = Signal(name="ckeys_run_cancelled", providing_args={"task_id", "by", "blocked_by"})
+run_replaced = Signal(name="ckeys_run_replaced", providing_args={"task_id", "by", "blocked_by"})
 slots_released = Signal(name="ckeys_slots_released",
                         providing_args={"task_id", "slots", "reason"})
 wait_finished = Signal(name="ckeys_wait_finished",
@@ -46,7 +56,8 @@ wait_finished = Signal(name="ckeys_wait_finished",
 
 # Options that may arrive as message properties (``app.send_task(name, concurrency_key=K)``
 # bypasses the task class) and must travel as headers for the worker to see them.
-PROPERTY_OPTIONS = ("concurrency_key", "concurrency_queue", "concurrency_priority", "tags")
+PROPERTY_OPTIONS = ("concurrency_key", "concurrency_queue", "concurrency_priority",
+                    "concurrency_policy", "tags")
 
 
 @before_task_publish.connect(weak=False, dispatch_uid="celery_ckeys.move_properties")

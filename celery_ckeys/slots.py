@@ -120,7 +120,8 @@ class Place:
     in a fair line at its key's next turn (``weight`` turns a round), else by ``order_ms``
     (its first deferral). ``weight`` is the one declared in code; a weight recorded in the
     queue's conf (``weight_conf``) goes first. ``kept``: it keeps a unit of an earlier slot
-    (only ClusterStore, which parks slot by slot, says so; acquire.lua knows otherwise)."""
+    (only ClusterStore, which parks slot by slot, says so; acquire.lua knows otherwise).
+    ``replace``: see :attr:`replace`."""
 
     order_ms: int = 0
     priority: int = 0
@@ -128,11 +129,14 @@ class Place:
     weight: Optional[int] = None
     weight_conf: Optional[str] = None
     kept: bool = False
+    #: keep_latest: blocked on its own (first) slot, it replaces the runs of its task waiting
+    #: there
+    replace: bool = False
 
     def lua(self, fair: str, conf_position: int) -> str:
         """As acquire.lua reads it (ARGV 8)."""
-        return (f"{max(0, self.order_ms)}|{self.priority}|{int(self.kept)}|{_opt(self.weight)}"
-                f"|{conf_position}|{fair}|{self.key}")
+        return (f"{max(0, self.order_ms)}|{self.priority}|{int(self.kept)}|{int(self.replace)}"
+                f"|{_opt(self.weight)}|{conf_position}|{fair}|{self.key}")
 
 
 def _opt(value: Optional[int]) -> str:

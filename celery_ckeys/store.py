@@ -93,6 +93,8 @@ class AcquireResult:
     #: why a copy was dropped: "dup" (a copy with its ticket holds, waits or finished) or
     #: "parked" (the run is already in a line)
     why: str = ""
+    #: keep_latest: the runs of its task that stopped waiting on its slot for it
+    replaced: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -427,7 +429,8 @@ class Store:
         if status == 3:
             return AcquireResult("needs_message")
         return AcquireResult("blocked", blocked=slots[int(reply[1]) - 1], holder=_text(reply[2]),
-                             limit=int(reply[3]), parked=int(reply[4]) == 1)
+                             limit=int(reply[3]), parked=int(reply[4]) == 1,
+                             replaced=tuple(_text(x) for x in reply[5] or ()))
 
     # -- release, in its three modes ---------------------------------------------------
     def _release(self, mode: str, slots: Sequence[Slot], who: str, token: str, ticket: str) -> int:

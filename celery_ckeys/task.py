@@ -15,7 +15,7 @@ from . import gate
 from .errors import InvalidConcurrencyKey, InvalidConcurrencyQueue
 from .publish import install, prepare
 from .queues import ConcurrencyQueue, QueueLike, coerce_queue
-from .validation import check_limit, check_priority
+from .validation import check_limit, check_policy, check_priority
 from .worker import after_exit
 
 KeySpec = Union[str, Callable[..., str]]
@@ -63,6 +63,10 @@ class KeyedTask(Task):  # type: ignore[misc]
     ``concurrency_priority``
         The default priority of its runs in a line (int, -1000..1000, higher first; 0).
         ``apply_async(concurrency_priority=N)`` and ``.set(concurrency_priority=N)`` win.
+    ``concurrency_policy``
+        What a run does when its own key, partition or queue is full: ``"wait"`` (the
+        default), ``"skip"``, ``"cancel_running"`` or ``"keep_latest"`` (README, "Conflict
+        policies"); ``apply_async(concurrency_policy=...)`` and ``.set(...)`` win.
     """
 
     abstract = True
@@ -73,6 +77,7 @@ class KeyedTask(Task):  # type: ignore[misc]
     concurrency_limit: ClassVar[Optional[int]] = None
     concurrency_queue: ClassVar[Optional[QueueLike]] = None
     concurrency_priority: ClassVar[int] = 0
+    concurrency_policy: ClassVar[str] = "wait"
     _ckeys_queue: ClassVar[Optional[ConcurrencyQueue]] = None
     _ckeys_explicit_acks_late: ClassVar[bool] = False
 
@@ -101,6 +106,7 @@ class KeyedTask(Task):  # type: ignore[misc]
         if queue is not None:
             cls._ckeys_queue = coerce_queue(queue)
         check_priority(cls.concurrency_priority)
+        check_policy(cls.concurrency_policy)
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
@@ -115,7 +121,7 @@ class KeyedTask(Task):  # type: ignore[misc]
                     producer: Any = None, link: Any = None, link_error: Any = None,
                     shadow: Any = None, **options: Any) -> Any:
         """As Celery's, plus ``concurrency_key=``, ``concurrency_queue=``,
-        ``concurrency_priority=`` and ``tags=``.
+        ``concurrency_priority=``, ``concurrency_policy=`` and ``tags=``.
 
         They are validated here, before anything is published, and travel as headers.
         """

@@ -11,6 +11,7 @@ from typing import Any
 from .errors import (
     InvalidConcurrencyKey,
     InvalidConcurrencyLimit,
+    InvalidConcurrencyPolicy,
     InvalidConcurrencyPriority,
     InvalidConcurrencyQueue,
     InvalidTags,
@@ -55,6 +56,19 @@ def check_priority(value: Any) -> int:
         raise InvalidConcurrencyPriority(
             f"concurrency_priority must be an int from {-MAX_PRIORITY} to {MAX_PRIORITY},"
             f" got {type(value).__name__}: {value!r}", priority=value)
+    return value
+
+
+#: What a run does when its own slot (its key, partition or queue) is full.
+POLICIES = ("wait", "skip", "cancel_running", "keep_latest")
+
+
+def check_policy(value: Any) -> str:
+    """Return ``value`` if it is one of :data:`POLICIES`."""
+    if not isinstance(value, str) or value not in POLICIES:
+        raise InvalidConcurrencyPolicy(
+            f"concurrency_policy must be one of {', '.join(map(repr, POLICIES))},"
+            f" got {type(value).__name__}: {value!r}", policy=value)
     return value
 
 

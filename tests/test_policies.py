@@ -1,8 +1,11 @@
-"""Issue 13 on real workers: pause and resume, in both deferral modes."""
+"""Issue 13 on real workers, in both deferral modes: pause and resume, conflict policies."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from celery.exceptions import TaskRevokedError
 from conftest import Env, wait_until
 
 from celery_ckeys import limits
@@ -37,3 +40,77 @@ def test_pause_holds_a_queue_and_resume_releases_it(env: Env, deferral: str) -> 
     for r in held:
         r.get(timeout=60)
     assert env.max("pq:all") == 2
+
+
+def hold_key(env: Env, app: Any, key: str, gate: str) -> Any:
+    """A run that holds ``key`` until the test opens ``gate``."""
+    holder = app.tasks["ckt.hold_until"].apply_async(([f"{gate}:holder"], gate),
+                                                      concurrency_key=key)
+    wait_until(lambda: any(e["id"] == holder.id for e in env.events("start")), timeout=60,
+               message="the holder starts")
+    return holder
+
+
+@pytest.mark.parametrize("deferral", ["handoff", "countdown"])
+def test_skip_under_a_busy_key_ends_revoked_at_once(env: Env, deferral: str) -> None:
+    env.configure(ckeys_deferral=deferral)
+    env.workers(count=1, concurrency=4)
+    app = env.app()
+    holder = hold_key(env, app, "sk", "skip")
+    skipped = app.tasks["ckt.work"].apply_async((["skip:newcomer"],), concurrency_key="sk",
+                                                concurrency_policy="skip")
+    with pytest.raises(TaskRevokedError, match=r"skipped: key sk is held by " + holder.id):
+        skipped.get(timeout=30)
+    assert skipped.state == "REVOKED"
+    env.open_gate("skip")
+    holder.get(timeout=60)
+    assert env.max("skip:newcomer") == 0
+    after = app.tasks["ckt.work"].apply_async((["skip:free"],), concurrency_key="sk",
+                                              concurrency_policy="skip")
+    assert after.get(timeout=30)["id"] == after.id, "a skip run did not run on a free key"
+
+
+@pytest.mark.parametrize("deferral", ["handoff", "countdown"])
+def test_cancel_running_stops_the_holder_and_then_runs(env: Env, deferral: str) -> None:
+    env.configure(ckeys_deferral=deferral)
+    env.workers(count=1, concurrency=4)
+    app = env.app()
+    holder = hold_key(env, app, "cr", "never")  # would hold for 60 s
+    newcomer = app.tasks["ckt.work"].apply_async((["cancel:newcomer"],), concurrency_key="cr",
+                                                 concurrency_policy="cancel_running")
+    # the holder would hold the key for 60 s: the newcomer runs well within that
+    assert newcomer.get(timeout=30)["id"] == newcomer.id
+    wait_until(lambda: holder.state == "REVOKED", timeout=30, message="the holder is REVOKED")
+    # SIGTERM may end the body without its finally (no "end" event): its units came back
+    # only once its process was gone, which the newcomer's admission proves
+    ended = next((e["t"] for e in env.events("end") if e["id"] == holder.id), None)
+    started = next(e["t"] for e in env.events("start") if e["id"] == newcomer.id)
+    assert ended is None or ended <= started, "the newcomer ran while the holder still ran"
+
+
+@pytest.mark.parametrize("deferral", ["handoff", "countdown"])
+def test_keep_latest_with_five_arrivals_runs_only_the_last(env: Env, deferral: str) -> None:
+    env.configure(ckeys_deferral=deferral)
+    env.workers(count=1, concurrency=4)
+    app = env.app()
+    holder = hold_key(env, app, "kl", "latest")
+    work = app.tasks["ckt.work"]
+    arrivals = []
+
+    def waiting_on_key() -> list[str]:
+        return [r.task_id for s in status(app) if s.key == "kl"
+                for r in [*s.parked, *s.deferred]]
+
+    for n in range(5):
+        arrivals.append(work.apply_async(([f"latest:{n}"],), concurrency_key="kl",
+                                         concurrency_policy="keep_latest"))
+        wait_until(lambda n=n: waiting_on_key() == [arrivals[n].id], timeout=30,
+                   message=f"arrival {n} is the one run waiting")
+    env.open_gate("latest")
+    holder.get(timeout=60)
+    assert arrivals[-1].get(timeout=30)["id"] == arrivals[-1].id
+    for r in arrivals[:-1]:
+        with pytest.raises(TaskRevokedError, match="replaced by"):
+            r.get(timeout=30)
+    assert [e["labels"][0] for e in env.events("start") if e["labels"][0].startswith("latest:")
+            ] == ["latest:holder", "latest:4"]

@@ -397,6 +397,30 @@ def test_a_computed_limit_the_code_dropped_is_forgotten_by_the_sweeper(store: St
     assert not woken, "the sweeper refilled past the limit with a computed limit long gone"
 
 
+@pytest.mark.parametrize("message", ["m", ""], ids=["handoff", "countdown"])
+def test_keep_latest_replaces_the_runs_of_its_task_waiting_on_its_slot(store: Store,
+                                                                        message: str) -> None:
+    """keep_latest (issue 13): blocked on its own slot, a run takes the runs of its task
+    waiting there out of the line (or their deferral records) in the same call; a run of
+    another task keeps its place."""
+    s = slots(store, key="k")
+    ok, _ = take(store, s, "h")
+    assert ok
+
+    def arrive(who: str, task: str = "t", replace: bool = True) -> Any:
+        tok = json.dumps([who, "host", 1, "n", "", task, 0, []], separators=(",", ":"))
+        body = json.dumps({"task": task, "sig": {}}) if message else ""
+        return store.acquire(s, who, tok, message=body, new_ticket=f"t{who}",
+                             place=Place(replace=replace))
+    assert arrive("other", task="u", replace=False).status == "blocked"
+    assert arrive("a").replaced == ()
+    assert arrive("b").replaced == ("a",)
+    assert arrive("c").replaced == ("b",)
+    state = store.read_slot(s[0].tag)
+    waiting = [t for t, _ in state.line] if message else sorted(state.deferred)
+    assert sorted(waiting) == ["c", "other"]
+
+
 def test_a_paused_queue_starts_nothing_and_resume_wakes_its_line(store: Store) -> None:
     """Pause (issue 13): limit 0 while paused, the running run keeps its unit, the waiting
     run keeps its place; resuming, a sweep of the queue's lines wakes it."""

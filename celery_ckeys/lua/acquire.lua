@@ -17,9 +17,11 @@
 --       5 run: the ticket the copy carries ("" none); resume, reserve: its wait token
 --       6 ticket to park under when it carries none
 --       7 message to park when blocked: "" never park (countdown), "?" ask for it
---       8 its place in a line, "order|priority|kept|weight|conf|fair|key": order, its first
---         deferral (ms; 0: now); priority (higher first); kept 1 when, under Cluster, it
---         keeps a unit of an earlier slot; the weight its code declares for its key ("": 1);
+--       8 its place in a line, "order|priority|kept|replace|weight|conf|fair|key": order, its
+--         first deferral (ms; 0: now); priority (higher first); kept 1 when, under Cluster, it
+--         keeps a unit of an earlier slot; replace 1 (keep_latest): blocked on slot 1, the
+--         other runs of its task waiting there (parked, or deferral records) go, and are
+--         returned; the weight its code declares for its key ("": 1);
 --         the position of the conf HASH that may record "weight:"..key (0: none); the fair
 --         slots ("j.j": a total, the environment; "" none); its key (last: any character)
 --       9 "claim window ms,countdown ms,deferral memory ms,primary slot,index position"
@@ -30,16 +32,18 @@
 -- Returns, the last element always the wakes {j, "ticket\nmessage", ...} to publish:
 --   {1, "j1,j2", claimed, wakes}        admitted; the slots taken; 1 if it claimed a woken
 --                                       reservation (it was first in line), else 0
---   {0, j, holder, limit, parked, wakes} slot j blocks; parked is 1 when the run now waits
---                                       in its line (handoff)
+--   {0, j, holder, limit, parked, replaced, wakes}
+--                                       slot j blocks; parked is 1 when the run now waits
+--                                       in its line (handoff); replaced: the task ids that
+--                                       stopped waiting for it (replace)
 --   {2, "dup" | "parked", wakes}        a copy that must not run (protocol.md section 5)
 --   {3, wakes}                          blocked, and the message to park was not given
 --   {4, wakes}                          reserve: a unit of every slot is reserved for it
 
 local who, token, lease, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local ticket, new_ticket, message = ARGV[5], ARGV[6], ARGV[7]
-local order, priority, kept_elsewhere, weight, weight_at, fair, fkey = string.match(ARGV[8],
-  "^(%d+)|(%-?%d+)|([01])|(%d*)|(%d+)|([%d.]*)|(.*)$")
+local order, priority, kept_elsewhere, replacing, weight, weight_at, fair, fkey = string.match(
+  ARGV[8], "^(%d+)|(%-?%d+)|([01])|([01])|(%d*)|(%d+)|([%d.]*)|(.*)$")
 order, priority = tonumber(order), tonumber(priority)
 local window, countdown, memory, primary, at = string.match(ARGV[9],
   "^(%d+),(%d+),(%d+),(%d+),(%d+)$")
@@ -189,7 +193,7 @@ if resuming then
     end
   end
   settle_all(lease)
-  return {0, b, holder, LIM[b], 0, OUT}
+  return {0, b, holder, LIM[b], 0, {}, OUT}
 end
 if message == "?" and C[b] ~= "busy" then
   settle_all(lease)
@@ -214,6 +218,38 @@ for j = 1, N do
       kept = true
     else
       give_back(j, who, LIM[j], window, idx)
+    end
+  end
+end
+
+-- keep_latest: blocked on its own slot, this run replaces the runs of its task waiting there
+local replaced = {}
+if replacing == "1" and b == 1 and C[b] ~= "busy" then
+  local task = cjson.decode(token)[6]
+  for _, other in ipairs(redis.call("ZRANGE", key(b, P), 0, -1)) do
+    local _, _, msg = string.find(redis.call("HGET", key(b, M), other) or "", "^[^\n]*\n(.*)$")
+    local ok, parsed = pcall(cjson.decode, msg or "")
+    if other ~= who and ok and type(parsed) == "table" and parsed["task"] == task then
+      redis.call("ZREM", key(b, P), other)
+      redis.call("HDEL", key(b, M), other)
+      fair_leave(b, other, nil)
+      replaced[#replaced + 1] = other
+    end
+  end
+  -- deferred with a countdown: their records (on the primary slot) name their task
+  local f = key(primary > 0 and primary or b, F)
+  local records = redis.call("HGETALL", f)
+  for n = 1, #records, 2 do
+    local other = records[n]
+    local ok, rec = pcall(cjson.decode, records[n + 1])
+    local info = {}
+    if ok and type(rec) == "table" and type(rec["info"]) == "string" then
+      local fine, decoded = pcall(cjson.decode, rec["info"])
+      info = fine and type(decoded) == "table" and decoded or {}
+    end
+    if other ~= who and info[6] == task then
+      redis.call("HDEL", f, other)
+      replaced[#replaced + 1] = other
     end
   end
 end
@@ -257,4 +293,4 @@ elseif primary > 0 then
   extend(f, memory)
 end
 settle_all(lease)
-return {0, b, holder, LIM[b], parked, OUT}
+return {0, b, holder, LIM[b], parked, replaced, OUT}
