@@ -176,3 +176,48 @@ def test_ten_tags_of_128_characters_are_fine(env: Env) -> None:
     work = env.app().tasks["ckt.work"]
     work.apply_async((["v"],), tags=[f"{i}" * 128 for i in range(10)])
     assert env.broker_length() == 1
+
+
+@pytest.mark.parametrize("option, bad, error", [
+    ("concurrency_priority", 1001, "InvalidConcurrencyPriority"),
+    ("concurrency_priority", "high", "InvalidConcurrencyPriority"),
+    ("concurrency_priority", True, "InvalidConcurrencyPriority"),
+    ("concurrency_policy", "newest", "InvalidConcurrencyPolicy"),
+    ("concurrency_policy", 1, "InvalidConcurrencyPolicy"),
+    ("concurrency_queue", {"name": "q", "weights": {"gold": 0}}, "InvalidConcurrencyLimit"),
+    ("concurrency_queue", {"name": "q", "weights": {"gold": 101}}, "InvalidConcurrencyLimit"),
+    ("concurrency_queue", {"name": "q", "limit": lambda key: 1}, "InvalidConcurrencyQueue"),
+])
+def test_bad_priorities_policies_and_weights_raise_before_anything_is_published(
+        env: Env, option: str, bad: object, error: str) -> None:
+    import celery_ckeys
+
+    app = env.app()
+    work = app.tasks["ckt.work"]
+    attempts = [lambda: work.apply_async((["v"],), concurrency_key="k", **{option: bad}),
+                lambda: work.s(["v"]).set(concurrency_key="k", **{option: bad}).apply_async(),
+                lambda: app.send_task("ckt.work", (["v"],), concurrency_key="k", **{option: bad})]
+    for attempt in attempts:
+        with pytest.raises(getattr(celery_ckeys, error)) as info:
+            attempt()
+        assert isinstance(info.value, ValueError)
+    assert env.broker_length() == 0
+
+
+def test_a_limit_callable_that_fails_for_a_key_fails_the_publish(env: Env) -> None:
+    from celery_ckeys import InvalidConcurrencyLimit, InvalidConcurrencyQueue
+
+    tiered = env.app().tasks["ckt.tiered"]
+    queue = type(tiered)._ckeys_queue
+    assert queue.limit_for("paid:x") == 2 and queue.limit_for("free:x") == 1
+    app = env.app()
+
+    @app.task(base=KeyedTask, name="ckt.broken_limit", shared=False,
+              concurrency_queue=ConcurrencyQueue("broken", limit=lambda key: {"a": 0}[key]))
+    def broken_limit() -> None: ...
+
+    with pytest.raises(InvalidConcurrencyLimit, match="for key 'a'"):
+        broken_limit.apply_async(concurrency_key="a")
+    with pytest.raises(InvalidConcurrencyQueue, match="raised for key 'b'"):
+        broken_limit.apply_async(concurrency_key="b")
+    assert env.broker_length() == 0
