@@ -31,6 +31,7 @@ from .errors import (
 from .publish import install
 from .queues import ConcurrencyQueue
 from .task import KeyedTask
+from .throttle import throttle
 from .waits import wait_for
 
 __version__ = "0.1.0"
@@ -51,5 +52,6 @@ __all__ = [
     "RecursiveWaitDeadlock",
     "WaitStarvation",
     "install",
+    "throttle",
     "wait_for",
 ]

@@ -41,14 +41,17 @@ class ClusterStore(Store):
             return None, None, False
         conf = Names.redis_key(slot.conf_tag, CONF)
         seen = {} if seen is None else seen
-        extra = [f"key:{spec.key}", f"paused:{spec.key}"] if spec.key is not None else []
+        extra = ([f"key:{spec.key}", f"paused:{spec.key}", f"throttle:{spec.key}"]
+                 if spec.key is not None else [])
         if conf not in seen or any(f not in seen[conf] for f in extra):
-            fields = ["limit", "total", "paused", *extra]
+            fields = ["limit", "total", "paused", "throttle", *extra]
             seen[conf] = dict(zip(fields, self.guarded(lambda c: c.hmget(conf, *fields))))
         got = seen[conf]
         own = int(got[extra[0]]) if extra and got[extra[0]] is not None else None
-        paused = not spec.total and (got["paused"] is not None or bool(
-            extra and got[extra[1]] is not None))
+        until = got[extra[2]] if extra else got["throttle"]
+        paused = not spec.total and (
+            got["paused"] is not None or bool(extra and got[extra[1]] is not None)
+            or (until is not None and int(until) > self.now_ms()))
         if spec.trigger is not None:
             if record:
                 self.guarded(lambda c: c.hset(conf, spec.conf_field, spec.trigger))

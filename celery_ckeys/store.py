@@ -608,6 +608,21 @@ class Store:
         else:
             self.guarded(lambda c: c.hset(key, field, limit))
 
+    def throttle(self, queue: str, key: Optional[str], seconds: float) -> int:
+        """Start nothing new of ``queue``'s partition for ``key`` (or of the queue's own slot,
+        with no key) for ``seconds`` from now (server time); returns until when (ms). Its
+        line is swept then, so the runs waiting go as soon as it ends."""
+        conf = Names.redis_key(self.names.queue(queue), CONF)
+        field_name = "throttle" if key is None else f"throttle:{key}"
+        tag = self.names.queue(queue) if key is None else self.names.partition(queue, key)
+        until = self.now_ms() + int(seconds * 1000)
+
+        def _do(client: Any) -> None:
+            client.hset(conf, field_name, until)
+            client.zadd(self.names.index_key(), {tag: until}, lt=True)
+        self.guarded(_do)
+        return until
+
     def key_limits(self, queue: str, *, what: str = "key") -> dict[str, int]:
         """The limits recorded for single keys of ``queue`` (``key:<key>`` in its conf;
         ``what="weight"``: their weights, ``weight:<key>``)."""

@@ -139,6 +139,15 @@ class KeyedTask(Task):  # type: ignore[misc]
             return self.run(*args, **kwargs)
         return gate.run(self, args, kwargs)
 
+    def throttle(self, seconds: float) -> float:
+        """Start no new run of this run's partition (or queue) for ``seconds``.
+
+        See :func:`celery_ckeys.throttle`.
+        """
+        from .throttle import throttle
+
+        return throttle(seconds, task=self)
+
     def wait_for(self, target: Any, timeout: Optional[float] = None) -> Any:
         """Wait for a child (a signature to publish, or an ``AsyncResult``) without holding slots.
 

@@ -469,6 +469,16 @@ class Protocol(RuleBasedStateMachine):
         self.limits_seen.add(limit)
         self.note(f"limit q[{key}] = {limit}")
 
+    @rule(what=st.sampled_from(["q", *KEYS]), paused=st.booleans())
+    def pause_or_resume(self, what: str, paused: bool) -> None:
+        """celery ckeys pause q [--key K] / resume: limit 0 meanwhile (issue 13)."""
+        value = 1 if paused else None
+        if what == "q":
+            self.store.set_queue_limit("q", value, field="paused")
+        else:
+            self.store.set_key_limit("q", what, value, what="paused")
+        self.note(f"{'pause' if paused else 'resume'} q{'' if what == 'q' else f'[{what}]'}")
+
     @rule(total=st.sampled_from([None, 1, 2]))
     def change_total(self, total: Optional[int]) -> None:
         """celery ckeys limits set q --total N / --clear-total: every run of q together."""
@@ -628,6 +638,8 @@ class Protocol(RuleBasedStateMachine):
 
     def checked_drain(self) -> None:
         try:
+            for what in ("q", *KEYS):  # resumed: a paused queue drains once it is resumed
+                self.pause_or_resume(what, False)
             self.drain()
             for run in self.runs.values():
                 if run.revoked:

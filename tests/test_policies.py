@@ -114,3 +114,28 @@ def test_keep_latest_with_five_arrivals_runs_only_the_last(env: Env, deferral: s
             r.get(timeout=30)
     assert [e["labels"][0] for e in env.events("start") if e["labels"][0].startswith("latest:")
             ] == ["latest:holder", "latest:4"]
+
+
+@pytest.mark.parametrize("deferral", ["handoff", "countdown"])
+def test_throttle_holds_its_key_for_its_seconds_only(env: Env, deferral: str) -> None:
+    """A run calls self.throttle(3): the next run of its partition starts no sooner than 3 s
+    later (server time), while another key of the same queue runs at once."""
+    env.configure(ckeys_deferral=deferral)
+    env.workers(count=1, concurrency=4)
+    app = env.app()
+    tq = {"name": "tq", "limit": 2}
+    first = app.tasks["ckt.throttler"].apply_async((["tq:first"], 3.0), concurrency_queue=tq,
+                                                    concurrency_key="api")
+    until = first.get(timeout=30)["until"]
+    work = app.tasks["ckt.work"]
+    later = work.apply_async((["tq:api"],), concurrency_queue=tq, concurrency_key="api")
+    other = work.apply_async((["tq:other"],), concurrency_queue=tq, concurrency_key="elsewhere")
+    other.get(timeout=30)
+    assert env.max("tq:api") == 0, "the throttled key started a run right away"
+    later.get(timeout=60)
+    started = next(e["t"] for e in env.events("start") if e["id"] == later.id)
+    # the probe's clock and the server's are the same machine's; allow for rounding to ms
+    assert started >= until - 0.01, f"started {until - started:.3f} s before the throttle ended"
+    with pytest.raises(Exception, match="throttle"):
+        from celery_ckeys import throttle
+        throttle(1)  # outside a run

@@ -421,6 +421,22 @@ def test_keep_latest_replaces_the_runs_of_its_task_waiting_on_its_slot(store: St
     assert sorted(waiting) == ["c", "other"]
 
 
+def test_a_throttled_partition_starts_nothing_until_its_time(store: Store) -> None:
+    """throttle() (issue 13): a timed pause of one partition; other keys go on, and the
+    sweep index holds the line's slot for the moment it ends."""
+    from celery_ckeys.contrib.testing import wait_until
+
+    queue = ConcurrencyQueue("Q", limit=2)
+    a, b = slots(store, queue=queue, key="a"), slots(store, queue=queue, key="b")
+    until = store.throttle("Q", "a", 0.3)
+    assert store.acquire(a, "r1", token("r1")).limit == 0, "a throttled partition admitted"
+    assert take(store, b, "r2")[0], "throttling one key held another"
+    due = store.client.zrange(store.names.index_key(), 0, -1, withscores=True)
+    assert [float(score) for _, score in due] == [until], "its line is not swept when it ends"
+    wait_until(lambda: take(store, a, "r1")[0], timeout=10, message="the throttle ends")
+    assert store.now_ms() >= until
+
+
 def test_a_paused_queue_starts_nothing_and_resume_wakes_its_line(store: Store) -> None:
     """Pause (issue 13): limit 0 while paused, the running run keeps its unit, the waiting
     run keeps its place; resuming, a sweep of the queue's lines wakes it."""

@@ -160,6 +160,13 @@ def register(app: Celery, probe: Probe) -> None:
                 time.sleep(0.01)
         return {"id": self.request.id}
 
+    @task(bind=True, base=KeyedTask, name="ckt.throttler")
+    def throttler(self: Any, labels: list[str], seconds: float) -> dict[str, Any]:
+        """Answers a 429: its partition starts nothing new for ``seconds``."""
+        with probe.running(labels, self.request.id):
+            until = self.throttle(seconds)
+        return {"id": self.request.id, "until": until}
+
     @task(bind=True, base=KeyedTask, name="ckt.tiered", concurrency_queue=ConcurrencyQueue(
         "tiered", limit=lambda key: 2 if key.startswith("paid:") else 1))
     def tiered(self: Any, labels: list[str], duration: float = 0.0) -> dict[str, Any]:

@@ -261,6 +261,9 @@ if parking then
   -- a run that keeps units of earlier slots (here, or under Cluster in an earlier call)
   -- waits ahead of every run that keeps nothing, first come first served, unless the line
   -- is fair (protocol.md section 4.1)
+  if redis.call("EXISTS", key(b, H)) == 0 then
+    redis.call("ZADD", key(b, H), -1, KEEPER) -- a paused slot: nobody holds it (I1)
+  end
   if redis.call("ZSCORE", key(b, P), who) == false then
     local is_fair = string.find("." .. fair .. ".", "." .. b .. ".", 1, true) ~= nil
     local w = 1
@@ -274,7 +277,8 @@ if parking then
   end
   redis.call("HSET", key(b, M), who, (ticket ~= "" and ticket or new_ticket) .. "\n" .. message)
   redis.call("HSET", key(b, I), remember(b))
-  index(idx, b, NOW + countdown)
+  -- swept when it may go: once a throttle ends, else a countdown from now (a safety net)
+  index(idx, b, math.min(THROTTLED[b] or (NOW + countdown), NOW + countdown))
   if primary > 0 then
     redis.call("HDEL", key(primary, F), who)
   end

@@ -42,7 +42,9 @@ end
 -- same rule and a property test keeps them equal). A spec is
 --   "=N"                 a fixed limit N (a key mutex, the environment)
 --   "q|c|s|d|x|u|o|k"    a queue's limit: 0 while the queue ("paused" in conf KEYS[c]) or
---                        the partition ("paused:"..k) is paused; else the limit recorded
+--                        the partition ("paused:"..k) is paused, or the partition
+--                        ("throttle:"..k; the queue's own slot: "throttle") is throttled
+--                        until a time (ms) still to come; else the limit recorded
 --                        for key k alone (a partition;
 --                        field "key:"..k of conf KEYS[c]), else o (computed for k by the
 --                        queue's callable; "#": the one remembered on slot j as "#o";
@@ -66,6 +68,7 @@ end
 local DECL = {} -- slot j -> the declared part d of its queue spec ("" for none)
 local COMP = {} -- slot j -> the computed part o of its queue spec ("" for none)
 local RECORDED_TOTAL = {} -- conf key -> its "total" field (false: none), read once a call
+local THROTTLED = {} -- slot j -> until when (ms) its partition or queue starts nothing new
 
 -- d of a queue spec: declared in code, or "#": the declared limit remembered on slot j, never
 -- the limit resolved from it (a recorded limit cleared since must not live on: S1)
@@ -142,10 +145,15 @@ local function resolve_limit(spec, j, write)
   local recorded, own, paused = nil, nil, false -- one read of the queue's conf for all
   if conf then
     local got = redis.call("HMGET", conf, "limit", "key:" .. k, "total", "paused",
-      "paused:" .. k)
+      "paused:" .. k, k == "" and "throttle" or "throttle:" .. k)
     recorded, own = tonumber(got[1] or ""), k ~= "" and tonumber(got[2] or "") or nil
     RECORDED_TOTAL[conf] = got[3] or false -- the total slot comes later in the plan
     paused = got[4] or (k ~= "" and got[5])
+    local until_ = tonumber(got[6] or "")
+    if until_ and until_ > (NOW > 0 and NOW or now_ms()) then
+      THROTTLED[j] = until_ -- throttle(): no new start before then (a timed pause)
+      paused = true
+    end
   end
   local decl = declared(j, d)
   local given = triggered(conf, "limit", s, write) -- recorded even when the key's own applies

@@ -29,6 +29,9 @@ local function extend(k, ms)
 end
 
 local WAITER = "\1" -- prefix of a waiting run's marker in H
+-- The marker (score -1, not a unit) that keeps H in existence for a line on a slot with no
+-- unit at all: one paused or throttled (limit 0), where a run parks with nobody holding (I1)
+local KEEPER = "\2"
 
 -- A run's score in a line (docs/protocol.md section 4.1): class - priority * BAND + t, where
 -- t in [0, BAND) is its first deferral (ms since EPOCH) or, in a fair line, its virtual
@@ -135,7 +138,10 @@ local function settle(j, lease)
   if redis.call("EXISTS", key(j, P), key(j, R), key(j, M)) > 0 then
     redis.call("PERSIST", h)
     redis.call("PERSIST", i)
-  elseif redis.call("EXISTS", h) == 1 then
+    return
+  end
+  redis.call("ZREM", h, KEEPER) -- nobody waits: nothing to keep
+  if redis.call("EXISTS", h) == 1 then
     redis.call("PEXPIRE", h, lease)
     redis.call("PEXPIRE", i, lease)
   else
