@@ -13,6 +13,7 @@ of it) and ``bench/out/results.png``. ``bench/RESULTS.md`` is a committed copy o
         against distinct keys held and runs waiting; memory per key and per waiting run
     (g) fair sharing: Jain's index across skewed tenants sharing a total; admission cost
         against the number of waiting tenants
+    (h) the rate limiter: starts in any window against N; its Redis cost per run
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import fairness
 import latency
 import makespan
 import overhead
+import ratelimit
 import serverside
 import throughput
 from common import machine, redis_servers, use_server
@@ -72,6 +74,8 @@ def run(quick: bool) -> dict[str, Any]:
     results["throughput"] = throughput.run(quick)
     print("(g) fairness", flush=True)
     results["fairness"] = fairness.run(quick)
+    print("(h) rate limiter", flush=True)
+    results["ratelimit"] = ratelimit.run()
     return results
 
 
@@ -197,6 +201,8 @@ def markdown(r: dict[str, Any]) -> str:
               f" a parked run stores its whole message) | {mem['bytes_per_waiting_run']:.0f} |", ""]
     if "fairness" in r:
         lines += fairness.markdown(r["fairness"])
+    if "ratelimit" in r:
+        lines += ratelimit.markdown(r["ratelimit"])
     return "\n".join(lines)
 
 

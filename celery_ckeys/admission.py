@@ -40,6 +40,8 @@ class RunSpec:
     declared_total: Optional[int] = None
     #: The limit the queue's callable (in code) computes for ``key``'s partition.
     computed_limit: Optional[int] = None
+    #: The rate the task declares for ``queue`` in code (``"n/window_ms"``).
+    declared_rate: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,13 @@ def total_slot(names: Names, config: CkeysConfig, queue: str, *, trigger: Option
 
 def queue_limit(config: CkeysConfig, queue: str, *, trigger: Optional[int] = None,
                 declared: Optional[int] = None, key: Optional[str] = None,
-                computed: Optional[int] = None) -> LimitSpec:
+                computed: Optional[int] = None, rate: Optional[str] = None,
+                rate_trigger: Optional[str] = None) -> LimitSpec:
     """A queue's limit; with ``key``, that of its partition (one run per key when the queue
     has no limit; a limit recorded for the key alone goes first, then ``computed``)."""
     return LimitSpec(queue=queue, trigger=trigger, declared=declared,
                      cap=config.environment_limit, unlimited_as=1 if key is not None else None,
-                     key=key, computed=computed)
+                     key=key, computed=computed, rate=rate, rate_trigger=rate_trigger)
 
 
 @lru_cache(maxsize=4096)
@@ -106,18 +109,23 @@ def plan_for(config: CkeysConfig, run: RunSpec) -> Optional[Plan]:
         declared = None if run.queue_from_trigger else (
             run.declared_limit if run.declared_limit is not None else queue.fixed_limit)
         conf_tag = names.queue(queue.name)
+        rate_trigger = queue.rate_spec if run.queue_from_trigger else None
+        rate = run.declared_rate if run.queue_from_trigger else (
+            run.declared_rate or queue.rate_spec)
         if run.key is not None:
             slots.append(Slot(tag=names.partition(queue.name, run.key), kind="partition",
                               label=f"queue {queue.name} [{run.key}]",
                               limit=queue_limit(config, queue.name, trigger=trigger,
                                                 declared=declared, key=run.key,
-                                                computed=run.computed_limit),
+                                                computed=run.computed_limit, rate=rate,
+                                                rate_trigger=rate_trigger),
                               conf_tag=conf_tag))
             slots.append(key_slot(names, run.key, when_unlimited=1))
         else:
             slots.append(Slot(tag=conf_tag, kind="queue", label=f"queue {queue.name}",
                               limit=queue_limit(config, queue.name, trigger=trigger,
-                                                declared=declared),
+                                                declared=declared, rate=rate,
+                                                rate_trigger=rate_trigger),
                               conf_tag=conf_tag))
         # The whole queue, under its total_limit. Every plan of a queue has it, so that a
         # total recorded from the CLI applies at once; with no total anywhere the scripts

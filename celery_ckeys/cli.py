@@ -301,27 +301,34 @@ def _opt(value: Optional[int]) -> str:
 @click.option("--clear-total", is_flag=True, help="forget the recorded total_limit")
 @click.option("--weight", type=int, help="with --key: its turns a round in the fair lines")
 @click.option("--clear-weight", is_flag=True, help="with --key: forget its recorded weight")
+@click.option("--rate", help="at most N starts per window, per partition: 10/s, 100/m, 5/h")
+@click.option("--clear-rate", is_flag=True, help="forget the recorded rate")
 @click.pass_context
 def limits_set(ctx: click.Context, queue: str, limit: Optional[int], key: Optional[str],
                clear: bool, total: Optional[int], clear_total: bool, weight: Optional[int],
-               clear_weight: bool) -> None:
+               clear_weight: bool, rate: Optional[str], clear_rate: bool) -> None:
     """Record QUEUE's limit (or KEY's), its total, or KEY's weight; it applies to runs that
     start (or wait) from now on."""
     app = _app(ctx)
     actions = [limit is not None, clear, total is not None, clear_total, weight is not None,
-               clear_weight]
+               clear_weight, rate is not None, clear_rate]
     if sum(actions) != 1:
         raise click.UsageError("give one of LIMIT, --clear, --total N, --clear-total,"
-                               " --weight N, --clear-weight")
+                               " --weight N, --clear-weight, --rate R, --clear-rate")
     weights = weight is not None or clear_weight
     totals = total is not None or clear_total
-    if totals and key is not None:
-        raise click.UsageError("--total and --clear-total take no --key")
+    rates = rate is not None or clear_rate
+    if (totals or rates) and key is not None:
+        raise click.UsageError("--total, --rate and their --clear-* take no --key")
     if weights and key is None:
         raise click.UsageError("--weight and --clear-weight need --key")
     what = f"queue {queue}" + (f" [{key}]" if key is not None else "")
     try:
-        if total is not None:
+        if rate is not None:
+            limits_api.set_rate(app, queue, rate)
+        elif clear_rate:
+            limits_api.clear_rate(app, queue)
+        elif total is not None:
             limits_api.set_total(app, queue, total)
         elif clear_total:
             limits_api.clear_total(app, queue)
@@ -333,7 +340,8 @@ def limits_set(ctx: click.Context, queue: str, limit: Optional[int], key: Option
             limits_api.set_limit(app, queue, limit, key=key)
         else:
             limits_api.clear_limit(app, queue, key=key)
-        said = (f"total limit {total if total is not None else 'cleared'}" if totals else
+        said = (f"rate {rate if rate is not None else 'cleared'}" if rates else
+                f"total limit {total if total is not None else 'cleared'}" if totals else
                 f"weight {weight if weight is not None else 'cleared'}" if weights else
                 f"limit {limit if limit is not None else 'cleared'}")
     except CkeysError as exc:

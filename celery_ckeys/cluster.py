@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 from .naming import CONF, INFO, Names
 from .slots import LimitSpec, Place, Slot
-from .store import AcquireResult, Store
+from .store import AcquireResult, Store, _text
 
 
 class ClusterStore(Store):
@@ -31,20 +31,20 @@ class ClusterStore(Store):
     # -- limits, resolved on each queue's own tag --------------------------------------
     def _recorded(self, slot: Slot, *, record: bool,
                   seen: Optional[dict[str, dict[str, Any]]] = None
-                  ) -> tuple[Optional[int], Optional[int], bool]:
+                  ) -> tuple[Optional[int], Optional[int], bool, Optional[str]]:
         """The queue's limit (recorded, or the trigger-time one, recorded now when ``record``),
-        the one recorded for the partition's key alone, and whether the slot is paused.
-        ``seen`` keeps the conf reads of one admission: its partition and total slots share
-        one read of the queue's conf."""
+        the one recorded for the partition's key alone, whether the slot is paused (or
+        throttled), and the rate that applies (``"n/window_ms"``). ``seen`` keeps the conf
+        reads of one admission: its partition and total slots share one read of the conf."""
         spec = slot.limit
         if spec.queue is None or slot.conf_tag is None:
-            return None, None, False
+            return None, None, False, spec.rate_trigger or spec.rate
         conf = Names.redis_key(slot.conf_tag, CONF)
         seen = {} if seen is None else seen
         extra = ([f"key:{spec.key}", f"paused:{spec.key}", f"throttle:{spec.key}"]
                  if spec.key is not None else [])
         if conf not in seen or any(f not in seen[conf] for f in extra):
-            fields = ["limit", "total", "paused", "throttle", *extra]
+            fields = ["limit", "total", "paused", "throttle", "rate", *extra]
             seen[conf] = dict(zip(fields, self.guarded(lambda c: c.hmget(conf, *fields))))
         got = seen[conf]
         own = int(got[extra[0]]) if extra and got[extra[0]] is not None else None
@@ -52,12 +52,17 @@ class ClusterStore(Store):
         paused = not spec.total and (
             got["paused"] is not None or bool(extra and got[extra[1]] is not None)
             or (until is not None and int(until) > self.now_ms()))
+        rate = spec.rate_trigger
+        if rate is not None and record:
+            self.guarded(lambda c: c.hset(conf, "rate", rate))
+        if rate is None:
+            rate = _text(got["rate"]) if got["rate"] is not None else spec.rate
         if spec.trigger is not None:
             if record:
                 self.guarded(lambda c: c.hset(conf, spec.conf_field, spec.trigger))
-            return spec.trigger, own, paused
+            return spec.trigger, own, paused, rate
         value = got[spec.conf_field]
-        return (int(value) if value is not None else None), own, paused
+        return (int(value) if value is not None else None), own, paused, rate
 
     def _remembered(self, slot: Slot) -> tuple[Optional[int], Optional[int]]:
         """The declared (``#d``, else ``#l``) and computed (``#o``) limits the slot remembers,
@@ -79,32 +84,35 @@ class ClusterStore(Store):
         spec = slot.limit
         if spec.fixed is not None:
             return slot
-        recorded, own, paused = self._recorded(slot, record=record)
+        recorded, own, paused, rate = self._recorded(slot, record=record)
         if paused:
             return replace(slot, limit=LimitSpec(fixed=0), conf_tag=None)
         # a key's own limit goes before a computed one (noted, not used, then), which goes
         # before a recorded one
         local = LimitSpec(trigger=own if own is not None else recorded, declared=spec.declared,
                           cap=spec.cap, unlimited_as=spec.unlimited_as, remembered=spec.remembered,
-                          total=spec.total, computed=spec.computed, computed_noted=own is not None)
+                          total=spec.total, computed=spec.computed, computed_noted=own is not None,
+                          rate=rate)
         return replace(slot, limit=local, conf_tag=None)
 
     def _steps(self, slots: Sequence[Slot], *, record: bool) -> list[tuple[Slot, Slot]]:
         """``(fixed-limit slot, the plan's slot)`` for every slot the run needs, in order."""
         resolved: list[tuple[Optional[int], bool]] = []
+        rates: list[Optional[str]] = []
         seen: dict[str, dict[str, Any]] = {}
         for slot in slots:
+            rates.append(None)
             if slot.home_only:
                 resolved.append((None, False))
             elif slot.when_unlimited is not None:
                 resolved.append((1, False))
             else:
-                recorded, own, paused = self._recorded(slot, record=record, seen=seen)
+                recorded, own, paused, rates[-1] = self._recorded(slot, record=record, seen=seen)
                 declared, computed = self._remembered(slot)
                 resolved.append(slot.limit.resolve(recorded, declared, override=own,
                                                    remembered_computed=computed, paused=paused))
         steps = []
-        for slot, (limit, _) in zip(slots, resolved):
+        for slot, (limit, _), rate in zip(slots, resolved, rates):
             needed = limit is not None
             if slot.when_unlimited is not None:
                 needed = resolved[slot.when_unlimited - 1][1]
@@ -116,7 +124,7 @@ class ClusterStore(Store):
                     # the slot remembers it ("#d") for the sweeper
                     spec = LimitSpec(trigger=limit, declared=slot.limit.declared, cap=slot.limit.cap,
                                      total=slot.limit.total, computed=slot.limit.computed,
-                                     computed_noted=True)
+                                     computed_noted=True, rate=rate)
                 fixed = replace(slot, limit=spec, conf_tag=None, when_unlimited=None)
                 steps.append((fixed, slot))
         return steps

@@ -145,14 +145,15 @@ def run_spec(task: Any, headers: dict[str, Any], args: Any, kwargs: Any) -> RunS
     declared: Optional[ConcurrencyQueue] = getattr(task, "_ckeys_queue", None)
     if queue is None:
         queue = declared
-    declared_limit = declared_total = computed = None
+    declared_limit = declared_total = computed = declared_rate = None
     if declared is not None and queue is not None and declared.name == queue.name:
         declared_limit, declared_total = declared.fixed_limit, declared.total_limit
+        declared_rate = declared.rate_spec
         if key is not None:
             computed = declared.limit_for(key)
     return RunSpec(task_name=task.name, key=key, queue=queue, queue_from_trigger=from_trigger,
                    declared_limit=declared_limit, declared_total=declared_total,
-                   computed_limit=computed)
+                   computed_limit=computed, declared_rate=declared_rate)
 
 
 def _replaced_already(task: Any, request: Any) -> bool:
@@ -428,6 +429,8 @@ class FencedContext(Context):  # type: ignore[misc]
 
 
 def _why(request: Any, result: AcquireResult) -> str:
+    if result.rate_wait_ms:
+        return f"at its rate: the next run may start in {result.rate_wait_ms} ms"
     if result.limit == 0:
         return "paused (celery ckeys resume starts it again)"
     holder = result.holder
@@ -443,6 +446,9 @@ def on_blocked(task: Any, request: Any, config: CkeysConfig, result: AcquireResu
     blocked_by = result.blocked.label
     defer_log.info("run %s of %s deferred: %s (limit %d) is %s",
                    request.id, task.name, blocked_by, result.limit, _why(request, result))
+    if result.rate_wait_ms:
+        defer(task, request, config, blocked_by=blocked_by, holder=result.holder, reason="rate",
+              after=result.rate_wait_ms / 1000)
     defer(task, request, config, blocked_by=blocked_by, holder=result.holder,
           reason="paused" if result.limit == 0 else "busy")
 
@@ -468,14 +474,15 @@ def countdown_for(config: CkeysConfig) -> float:
 
 
 def defer(task: Any, request: Any, config: CkeysConfig, *, blocked_by: str, holder: str,
-          reason: str) -> NoReturn:
+          reason: str, after: Optional[float] = None) -> NoReturn:
     """Publish the same run again after the countdown, then end this delivery with Ignore.
 
     ``signature_from_request`` keeps the task id, arguments, headers (its ticket too: the
     copy is the same stay in line), routing, links and chain; ``retries=request.retries``
     keeps the retry count, so ``max_retries`` is never spent on waiting for a slot.
     """
-    countdown = countdown_for(config)
+    # a rate says exactly when the next run may start: no sooner, and no later
+    countdown = after if after is not None else countdown_for(config)
     headers = deferred_headers(headers_of(request), time.time())
     signature = task.signature_from_request(request, countdown=countdown,
                                             retries=request.retries, headers=headers)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from .admission import queue_limit, slot_for_tag, total_slot
 from .introspect import declared_queues
 from .naming import LINE, parse_tag
-from .validation import check_key, check_limit, check_queue_name, check_weight
+from .validation import check_key, check_limit, check_queue_name, check_rate, check_weight
 
 
 def _store(app: Any) -> Any:
@@ -51,6 +51,20 @@ def clear_total(app: Any, queue: str) -> None:
     """Forget the recorded total_limit: the one declared in code applies, else none."""
     check_queue_name(queue)
     _store(app).set_queue_limit(queue, None, field="total")
+
+
+def set_rate(app: Any, queue: str, rate: str) -> None:
+    """Record ``queue``'s rate ("10/s", "100/m", "5/h"): per partition (per queue for runs
+    without a key), at most that many runs start in any window, on all workers. Goes before
+    a rate declared in code."""
+    check_queue_name(queue)
+    _store(app).set_rate(queue, check_rate(rate))
+
+
+def clear_rate(app: Any, queue: str) -> None:
+    """Forget ``queue``'s recorded rate: the one declared in code applies, else none."""
+    check_queue_name(queue)
+    _store(app).set_rate(queue, None)
 
 
 def set_weight(app: Any, queue: str, key: str, weight: int) -> None:
@@ -141,4 +155,15 @@ def get_limits(app: Any, queue: str) -> dict[str, Any]:
              "effective": total_spec.resolve(recorded_total)[0]}
     return {"queue": queue, "recorded": recorded, "declared": declared, "effective": effective,
             "total": total, "computed": code is not None and code.computed, "keys": keys,
-            "weights": weights, "paused": paused(app, queue)}
+            "weights": weights, "paused": paused(app, queue),
+            "rate": {"recorded": _rate_text(store.recorded_rate(queue)),
+                     "declared": code.rate if code is not None else None}}
+
+
+def _rate_text(rate: Optional[str]) -> Optional[str]:
+    """``"n/window_ms"`` as people write it (``"10/s"``)."""
+    if rate is None:
+        return None
+    n, _, window = rate.partition("/")
+    unit = {"1000": "s", "60000": "m", "3600000": "h"}.get(window)
+    return f"{n}/{unit}" if unit else f"{n}/{window}ms"

@@ -7,7 +7,8 @@ from one process with a ``MultiProcessCollector``; with threads or solo, the def
 registry works and ``prometheus_client.start_http_server`` exposes it.
 
 ``ckeys_acquisitions_total{task}``             runs that took their slots
-``ckeys_deferrals_total{task,reason}``         runs deferred (``busy``, ``paused`` or ``unavailable``)
+``ckeys_deferrals_total{task,reason}``         runs deferred (``busy``, ``rate``, ``paused``,
+                                               ``unavailable``)
 ``ckeys_releases_total{reason}``               runs that gave their slots back
 ``ckeys_policy_decisions_total{task,decision}`` conflict policies applied (``skipped``,
                                                ``cancelled``, ``replaced``)

@@ -26,8 +26,9 @@ WAITING = "w"  # ZSET task id -> lease expiry of a run blocked in wait_for
 WAITS = "v"  # HASH task id -> wait token
 DEFERRED = "f"  # HASH task id -> countdown deferral record (JSON)
 WAKE = "q"  # LIST pushed to when a unit is reserved for a resuming run
+STARTS = "s"  # ZSET start -> when (ms): the rate limit's log of the window
 CONF = "c"  # HASH "limit" -> recorded limit of a queue
-SLOT_ROLES = (UNITS, INFO, LINE, MESSAGES, RESUME, WAITING, WAITS, DEFERRED, WAKE)
+SLOT_ROLES = (UNITS, INFO, LINE, MESSAGES, RESUME, WAITING, WAITS, DEFERRED, WAKE, STARTS)
 
 
 def memo_role(task_id: str) -> str:

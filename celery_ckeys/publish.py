@@ -193,6 +193,8 @@ def queue_header(queue: Any) -> dict[str, Any]:
         header["total_limit"] = spec.total_limit
     if spec.weights:
         header["weights"] = dict(spec.weights)
+    if spec.rate is not None:
+        header["rate"] = spec.rate
     return header
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Union
 
 from .errors import InvalidConcurrencyQueue
-from .validation import check_key, check_limit, check_queue_name, check_weight
+from .validation import check_key, check_limit, check_queue_name, check_rate, check_weight
 
 #: A queue's limit: a number, or (per key's partition) a callable of the key.
 LimitLike = Union[int, Callable[[str], int], None]
@@ -23,12 +23,17 @@ class ConcurrencyQueue:
     ``total_limit`` caps the whole queue (every key, and runs without one) as well.
     ``weights`` (key -> 1..100): a key of weight w gets w turns a round when keys wait for
     the queue's shared capacity (its total, the environment); 1 when not given.
+    ``rate`` ("10/s", "100/m", "5/h"): at most that many runs start in any window of that
+    length, per partition (per queue for runs without a key), across all workers.
     """
 
     name: str
     limit: LimitLike = None
     total_limit: Optional[int] = None
     weights: Optional[Mapping[str, int]] = field(default=None, compare=False)
+    #: at most N runs *start* in any window (Celery's syntax: "10/s", "100/m", "5/h"), per
+    #: partition when a run has a key, else for the queue; across all workers
+    rate: Optional[str] = None
     #: ``weights`` as sorted pairs: what equality and hashing see (a dict is not hashable)
     _weights: tuple[tuple[str, int], ...] = field(default=(), init=False, repr=False)
 
@@ -38,6 +43,8 @@ class ConcurrencyQueue:
             check_limit(self.limit, what=f"limit of queue {self.name!r}")
         if self.total_limit is not None:
             check_limit(self.total_limit, what=f"total_limit of queue {self.name!r}")
+        if self.rate is not None:
+            check_rate(self.rate)
         if self.weights is not None:
             if not isinstance(self.weights, Mapping):
                 raise InvalidConcurrencyQueue(
@@ -46,6 +53,11 @@ class ConcurrencyQueue:
             pairs = tuple(sorted((check_key(k), check_weight(w, key=k))
                                  for k, w in self.weights.items()))
             object.__setattr__(self, "_weights", pairs)
+
+    @property
+    def rate_spec(self) -> Optional[str]:
+        """The rate as the scripts read it, ``"n/window_ms"`` (``None``: no rate)."""
+        return check_rate(self.rate) if self.rate is not None else None
 
     @property
     def computed(self) -> bool:
@@ -75,7 +87,7 @@ class ConcurrencyQueue:
 
 
 QueueLike = Union[ConcurrencyQueue, str, Mapping[str, Any]]
-_FIELDS = {"name", "limit", "total_limit", "weights"}
+_FIELDS = {"name", "limit", "total_limit", "weights", "rate"}
 
 
 def coerce_queue(value: Any) -> ConcurrencyQueue:
@@ -98,7 +110,7 @@ def coerce_queue(value: Any) -> ConcurrencyQueue:
                 "a trigger-time concurrency_queue cannot compute its limit: declare the"
                 " callable on the task's ConcurrencyQueue", queue=value["name"])
         return ConcurrencyQueue(value["name"], value.get("limit"), value.get("total_limit"),
-                                value.get("weights"))
+                                value.get("weights"), value.get("rate"))
     raise InvalidConcurrencyQueue(
         "concurrency_queue must be a ConcurrencyQueue, a queue name or"
         f" {{'name': ..., 'limit': ...}}, got {type(value).__name__}: {value!r}", queue=value)

@@ -47,6 +47,11 @@ class LimitSpec:
     #: ``computed`` is only remembered on the slot, not used: the spec's limit is already
     #: resolved (ClusterStore's steps carry the resolved limit as ``trigger``)
     computed_noted: bool = False
+    #: the partition's (or the queue's own slot's) rate, ``"n/window_ms"``: declared in code
+    #: (a recorded rate goes first; remembered on the slot as ``#r`` for the sweeper), or
+    #: given at trigger time (``rate_trigger``, recorded as the queue's ``rate``)
+    rate: Optional[str] = None
+    rate_trigger: Optional[str] = None
 
     @property
     def conf_field(self) -> str:
@@ -99,8 +104,10 @@ class LimitSpec:
             # (the sweeper), keep what the slot remembers
             computed = "!#" if self.remembered and self.computed is None else \
                 f"!{_opt(self.computed)}"
+        rate = (f"={self.rate_trigger}" if self.rate_trigger is not None else
+                self.rate if self.rate is not None else "#" if self.remembered else "")
         return (f"q|{conf_position}|{_opt(self.trigger)}|{declared}|{_opt(self.cap)}"
-                f"|{_opt(self.unlimited_as)}|{computed}|{self.key or ''}")
+                f"|{_opt(self.unlimited_as)}|{computed}|{rate}|{self.key or ''}")
 
     def as_header(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v not in (None, False)}

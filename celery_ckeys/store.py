@@ -28,6 +28,7 @@ from .naming import (
     MESSAGES,
     RESUME,
     SLOT_ROLES,
+    STARTS,
     UNITS,
     WAITING,
     WAITS,
@@ -95,6 +96,8 @@ class AcquireResult:
     why: str = ""
     #: keep_latest: the runs of its task that stopped waiting on its slot for it
     replaced: tuple[str, ...] = ()
+    #: blocked by ``blocked``'s rate: ms until it lets a run start (0: not the rate)
+    rate_wait_ms: int = 0
 
     @property
     def ok(self) -> bool:
@@ -112,6 +115,8 @@ class SlotState:
     units: list[tuple[str, float]] = field(default_factory=list)
     info: dict[str, str] = field(default_factory=dict)
     line: list[tuple[str, float]] = field(default_factory=list)
+    #: when the runs counted by the slot's rate started (ms)
+    starts: list[float] = field(default_factory=list)
     messages: dict[str, str] = field(default_factory=dict)
     resume: list[tuple[str, float]] = field(default_factory=list)
     waiting: list[tuple[str, float]] = field(default_factory=list)
@@ -430,7 +435,8 @@ class Store:
             return AcquireResult("needs_message")
         return AcquireResult("blocked", blocked=slots[int(reply[1]) - 1], holder=_text(reply[2]),
                              limit=int(reply[3]), parked=int(reply[4]) == 1,
-                             replaced=tuple(_text(x) for x in reply[5] or ()))
+                             replaced=tuple(_text(x) for x in reply[5] or ()),
+                             rate_wait_ms=max(0, int(reply[6])))
 
     # -- release, in its three modes ---------------------------------------------------
     def _release(self, mode: str, slots: Sequence[Slot], who: str, token: str, ticket: str) -> int:
@@ -608,6 +614,20 @@ class Store:
         else:
             self.guarded(lambda c: c.hset(key, field, limit))
 
+    def recorded_rate(self, queue: str) -> Optional[str]:
+        """The rate recorded for ``queue`` (``"n/window_ms"``), if any."""
+        conf = Names.redis_key(self.names.queue(queue), CONF)
+        value = self.guarded(lambda c: c.hget(conf, "rate"))
+        return _text(value) if value is not None else None
+
+    def set_rate(self, queue: str, rate: Optional[str]) -> None:
+        """Record (``None``: forget) ``queue``'s rate, ``"n/window_ms"``."""
+        conf = Names.redis_key(self.names.queue(queue), CONF)
+        if rate is None:
+            self.guarded(lambda c: c.hdel(conf, "rate"))
+        else:
+            self.guarded(lambda c: c.hset(conf, "rate", rate))
+
     def throttle(self, queue: str, key: Optional[str], seconds: float) -> int:
         """Start nothing new of ``queue``'s partition for ``key`` (or of the queue's own slot,
         with no key) for ``seconds`` from now (server time); returns until when (ms). Its
@@ -719,15 +739,17 @@ class Store:
             pipe.get(key(UNITS))
             pipe.zrange(key(UNITS), 0, -1, withscores=True)
             pipe.pttl(key(UNITS))
-            for role in SLOT_ROLES[1:-1]:
-                if role in (LINE, RESUME, WAITING):
+            for role in SLOT_ROLES[1:]:
+                if role == WAKE:
+                    continue  # a wake list is for the waiter alone
+                if role in (LINE, RESUME, WAITING, STARTS):
                     pipe.zrange(key(role), 0, -1, withscores=True)
                 else:
                     pipe.hgetall(key(role))
             return list(pipe.execute(raise_on_error=False))
 
         now = self.now_ms()  # TIME may not go in a Redis Cluster pipeline
-        simple, units, ttl, info, line, messages, resume, waiting, waits, deferred \
+        simple, units, ttl, info, line, messages, resume, waiting, waits, deferred, starts \
             = self.guarded(_read)
         state = SlotState(tag=tag, now_ms=now)
         if isinstance(simple, (bytes, str)):
@@ -740,6 +762,7 @@ class Store:
         state.resume = [(_text(t), float(s)) for t, s in resume]
         state.waiting = [(_text(t), float(s)) for t, s in waiting]
         state.waits = {_text(k): _text(v) for k, v in waits.items()}
+        state.starts = [float(s) for _, s in starts] if isinstance(starts, list) else []
         state.deferred = {_text(k): _text(v) for k, v in deferred.items()}
         return state
 

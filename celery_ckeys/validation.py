@@ -6,6 +6,7 @@ headers that came from producers outside this package.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .errors import (
@@ -57,6 +58,21 @@ def check_priority(value: Any) -> int:
             f"concurrency_priority must be an int from {-MAX_PRIORITY} to {MAX_PRIORITY},"
             f" got {type(value).__name__}: {value!r}", priority=value)
     return value
+
+
+_RATE_UNITS = {"s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+def check_rate(value: Any) -> str:
+    """Celery's rate syntax (``"10/s"``, ``"100/m"``, ``"5/h"``; ``N`` alone is per second)
+    as ``"n/window_ms"``; anything else raises :class:`InvalidConcurrencyLimit`."""
+    found = re.fullmatch(r"\s*(\d+)\s*(?:/\s*([smh]))?\s*", value) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        found = re.fullmatch(r"(\d+)()", str(value))
+    if found is None or int(found.group(1)) < 1:
+        raise InvalidConcurrencyLimit(
+            f"a rate is N/s, N/m or N/h with N a positive integer, got {value!r}", limit=value)
+    return f"{int(found.group(1))}/{_RATE_UNITS[found.group(2) or 's']}"
 
 
 #: What a run does when its own slot (its key, partition or queue) is full.

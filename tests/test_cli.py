@@ -107,7 +107,8 @@ def test_limits_get_and_set(env: Env) -> None:
     assert out["queues"] == [{"queue": "reports", "recorded": 5, "declared": None, "effective": 5,
                               "total": {"recorded": None, "declared": None, "effective": None},
                               "computed": False, "keys": {}, "weights": {},
-                              "paused": {"queue": False, "keys": []}}]
+                              "paused": {"queue": False, "keys": []},
+                              "rate": {"recorded": None, "declared": None}}]
     assert "total limit 7" in ckeys(env, "limits", "set", "reports", "--total", "7").stdout
     out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
     assert out["queues"][0]["total"]["effective"] == 7
@@ -146,6 +147,15 @@ def test_limits_get_and_set(env: Env) -> None:
                                                     "acme").stdout
     out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
     assert out["queues"][0]["paused"] == {"queue": False, "keys": []}
+    assert "queue reports: rate 10/m" in ckeys(env, "limits", "set", "reports", "--rate",
+                                               "10/m").stdout
+    out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
+    assert out["queues"][0]["rate"] == {"recorded": "10/m", "declared": None}
+    bad_rate = ckeys(env, "limits", "set", "reports", "--rate", "10/d", check=False)
+    assert bad_rate.returncode != 0 and "N/s, N/m or N/h" in bad_rate.stderr
+    ckeys(env, "limits", "set", "reports", "--clear-rate")
+    out = json.loads(ckeys(env, "limits", "get", "reports", "--json").stdout)
+    assert out["queues"][0]["rate"]["recorded"] is None
 
 
 def test_a_limit_set_from_the_cli_applies_to_the_next_runs(env: Env) -> None:

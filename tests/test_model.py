@@ -46,6 +46,7 @@ from celery_ckeys.slots import Slot
 from celery_ckeys.store import Store, Wake, token_prefix
 
 EXAMPLES = int(os.environ.get("CKT_MODEL_EXAMPLES", "60"))
+RATE = "2/30000"  # a rate the model sets on q: 2 starts per 30 s (time_passes moves 20-35 s)
 BAND, TURN = 2 ** 40, 10000  # a line's score modulo BAND is its turn (lib.lua line_score)
 _ns = itertools.count()
 
@@ -469,6 +470,23 @@ class Protocol(RuleBasedStateMachine):
         self.limits_seen.add(limit)
         self.note(f"limit q[{key}] = {limit}")
 
+    @rule(rate=st.sampled_from([None, RATE]))
+    def change_rate(self, rate: Optional[str]) -> None:
+        """celery ckeys limits set q --rate 2/30s / --clear-rate (issue 13)."""
+        self.store.set_rate("q", rate)
+        self.note(f"rate q = {rate}")
+
+    @invariant()
+    def no_rate_window_holds_more_starts_than_its_rate(self) -> None:
+        if not hasattr(self, "runs"):
+            return
+        n, window = (int(x) for x in RATE.split("/"))
+        now = self.store.now_ms()
+        for raw in self.store.client.scan_iter(match=f"ckeys:{{{self.names.ns}|*}}:s", count=1000):
+            starts = [sc for _, sc in self.store.client.zrange(raw, 0, -1, withscores=True)]
+            recent = [t for t in starts if t > now - window]
+            assert len(recent) <= n, f"{raw!r}: {len(recent)} starts within one window"
+
     @rule(what=st.sampled_from(["q", *KEYS]), paused=st.booleans())
     def pause_or_resume(self, what: str, paused: bool) -> None:
         """celery ckeys pause q [--key K] / resume: limit 0 meanwhile (issue 13)."""
@@ -568,7 +586,7 @@ class Protocol(RuleBasedStateMachine):
             name = raw.decode() if isinstance(raw, bytes) else raw
             role = name.rsplit("}:", 1)[1]
             if client.type(name) in (b"zset", "zset") and (
-                    role in ("h", "w") or (role == "i" and "|lines}" in name)):
+                    role in ("h", "w", "s") or (role == "i" and "|lines}" in name)):
                 scores = client.zrange(name, 0, -1, withscores=True)
                 moved = {m: max(1.0, sc - ms) for m, sc in scores if sc > 0}
                 if moved:
@@ -640,6 +658,7 @@ class Protocol(RuleBasedStateMachine):
         try:
             for what in ("q", *KEYS):  # resumed: a paused queue drains once it is resumed
                 self.pause_or_resume(what, False)
+            self.change_rate(None)  # and a rate of 2 per 30 s would outlast the drain
             self.drain()
             for run in self.runs.values():
                 if run.revoked:
@@ -675,13 +694,14 @@ class Protocol(RuleBasedStateMachine):
 
     def nothing_left(self) -> None:
         """B1: once idle, no line, message, resume order or live unit is left; what is left
-        expires within its bound (memos, deferral records, wake lists, and the lapsed units of
-        a host that died, which nobody touched again)."""
+        expires within its bound (memos, deferral records, wake lists, a rate's log of starts,
+        and the lapsed units of a host that died, which nobody touched again)."""
         client = self.store.client
         left = []
         bounds = {"f": self.config.deferral_memory_ms, "q": 60_000,
                   "h": self.config.lock_ttl_ms, "i": self.config.lock_ttl_ms,
-                  "w": self.config.lock_ttl_ms, "v": self.config.lock_ttl_ms}
+                  "w": self.config.lock_ttl_ms, "v": self.config.lock_ttl_ms,
+                  "s": int(RATE.split("/")[1])}  # a rate's log lives one window
         for tag, roles in self.store.scan_tags().items():
             for role in roles:
                 key = Names.redis_key(tag, role)

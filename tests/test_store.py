@@ -437,6 +437,44 @@ def test_a_throttled_partition_starts_nothing_until_its_time(store: Store) -> No
     assert store.now_ms() >= until
 
 
+def test_a_rate_lets_n_runs_start_in_any_window_and_says_when_the_next_may(store: Store) -> None:
+    """rate="3/s" (issue 13): three starts, then the fourth is blocked with the time until
+    the window lets it start, even with room under the limit; releases do not change that;
+    a parked run is woken by the sweep once it may start, and never sooner."""
+    from celery_ckeys.contrib.testing import wait_until
+
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    queue = ConcurrencyQueue("R", limit=10, rate="3/s")
+    s = slots(store, queue=queue, key="k")
+    held = []
+    for who in ("r1", "r2", "r3"):
+        ok, tok = take(store, s, who)
+        assert ok
+        held.append((who, tok))
+    first = store.read_slot(s[0].tag).starts
+    assert len(first) == 3
+    blocked = store.acquire(s, "r4", token("r4"))
+    assert blocked.status == "blocked" and 0 < blocked.rate_wait_ms <= 1000, blocked
+    other = slots(store, queue=queue, key="other")
+    assert take(store, other, "o1")[0], "one key's rate held another key back"
+    for who, tok in held:
+        store.release(s, who, tok)
+    assert store.acquire(s, "r4", token("r4")).rate_wait_ms > 0, "a release reset the rate"
+    parked = store.acquire(s, "r5", token("r5"), message="m", new_ticket="tr5")
+    assert parked.parked and parked.rate_wait_ms > 0
+    assert not woken
+    sweeper = slot_for_tag(store.config, store.names, s[0].tag)
+    assert sweeper is not None
+
+    def swept() -> bool:
+        store.sweep(sweeper)
+        return bool(woken)
+    wait_until(swept, timeout=5, message="the sweep wakes r5 once the rate lets it start")
+    woke_at = store.read_slot(s[0].tag).starts[-1]
+    assert woke_at - min(first) >= 1000, "a fourth run started within the first one's second"
+
+
 def test_a_paused_queue_starts_nothing_and_resume_wakes_its_line(store: Store) -> None:
     """Pause (issue 13): limit 0 while paused, the running run keeps its unit, the waiting
     run keeps its place; resuming, a sweep of the queue's lines wakes it."""

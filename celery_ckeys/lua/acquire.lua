@@ -1,7 +1,7 @@
 -- acquire.lua: admit a run (take a unit of every slot it needs) or not, in one call.
 -- docs/protocol.md sections 5 and 6.1.
 --
--- KEYS  per slot j = 1..n: the nine role keys of lib.lua; then the n memo keys
+-- KEYS  per slot j = 1..n: the ten role keys of lib.lua; then the n memo keys
 --       ("ckeys:{tag}:x:<task id>"); then the queue conf HASHes the specs name (and the one
 --       that may record the run's weight, ARGV 8); then, on
 --       one Redis, the sweep index (its position is in ARGV[9]; 0 under Cluster).
@@ -32,10 +32,11 @@
 -- Returns, the last element always the wakes {j, "ticket\nmessage", ...} to publish:
 --   {1, "j1,j2", claimed, wakes}        admitted; the slots taken; 1 if it claimed a woken
 --                                       reservation (it was first in line), else 0
---   {0, j, holder, limit, parked, replaced, wakes}
+--   {0, j, holder, limit, parked, replaced, rate_wait, wakes}
 --                                       slot j blocks; parked is 1 when the run now waits
 --                                       in its line (handoff); replaced: the task ids that
---                                       stopped waiting for it (replace)
+--                                       stopped waiting for it (replace); rate_wait: ms
+--                                       until slot j's rate lets a run start (0: not the rate)
 --   {2, "dup" | "parked", wakes}        a copy that must not run (protocol.md section 5)
 --   {3, wakes}                          blocked, and the message to park was not given
 --   {4, wakes}                          reserve: a unit of every slot is reserved for it
@@ -116,7 +117,7 @@ for j = 1, N do
         and units(j) < LIM[j]
     elseif c == "fresh" then
       ok = units(j) < LIM[j] and redis.call("EXISTS", key(j, R)) == 0
-        and (claimed or redis.call("EXISTS", key(j, P)) == 0)
+        and (claimed or redis.call("EXISTS", key(j, P)) == 0) and rate_room(j) > 0
     end
     if not ok then
       blocked = j
@@ -149,6 +150,8 @@ if blocked == nil then
       elseif C[j] == "claim" then
         redis.call("HDEL", key(j, M), who)
         redis.call("HDEL", key(j, I), "n:" .. who)
+      else
+        rate_start(j, who) -- a woken run's start was logged when it was woken
       end
       taken[#taken + 1] = tostring(j)
     end
@@ -193,7 +196,7 @@ if resuming then
     end
   end
   settle_all(lease)
-  return {0, b, holder, LIM[b], 0, {}, OUT}
+  return {0, b, holder, LIM[b], 0, {}, 0, OUT}
 end
 if message == "?" and C[b] ~= "busy" then
   settle_all(lease)
@@ -277,8 +280,9 @@ if parking then
   end
   redis.call("HSET", key(b, M), who, (ticket ~= "" and ticket or new_ticket) .. "\n" .. message)
   redis.call("HSET", key(b, I), remember(b))
-  -- swept when it may go: once a throttle ends, else a countdown from now (a safety net)
-  index(idx, b, math.min(THROTTLED[b] or (NOW + countdown), NOW + countdown))
+  -- swept when it may go: once a throttle ends or the rate's window lets it start, else a
+  -- countdown from now (a safety net)
+  index(idx, b, math.min(THROTTLED[b] or RATE_DUE[b] or (NOW + countdown), NOW + countdown))
   if primary > 0 then
     redis.call("HDEL", key(primary, F), who)
   end
@@ -297,4 +301,4 @@ elseif primary > 0 then
   extend(f, memory)
 end
 settle_all(lease)
-return {0, b, holder, LIM[b], parked, replaced, OUT}
+return {0, b, holder, LIM[b], parked, replaced, RATE_DUE[b] and (RATE_DUE[b] - NOW) or 0, OUT}

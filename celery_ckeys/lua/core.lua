@@ -3,7 +3,7 @@
 -- ones: unlock.lua and give.lua), and lib.lua after it to every script that works on lines
 -- (all but take.lua and limit.lua); docs/protocol.md is the contract they follow.
 --
--- Key roles: every slot j of a script passes nine keys, in this order (KEYS[9j-8..9j]):
+-- Key roles: every slot j of a script passes ten keys, in this order (KEYS[10j-9..10j]):
 --   H  units     STRING (simple: one hold, value = its token, PX lease) or
 --                ZSET (full: task id -> expiry ms of its hold or reservation; and, score -1,
 --                a marker "\1"..task id for each run waiting in wait_for: not a unit, it only
@@ -19,12 +19,13 @@
 --   V  waits     HASH task id -> wait token
 --   F  deferred  HASH task id -> countdown deferral record (JSON, for status)
 --   Q  wake      LIST pushed to when a unit is reserved for a resuming run
--- plus, per slot, a memo STRING (KEYS[9n + j]): "done:"..ticket once a ticketed run ended.
+--   S  starts    ZSET start -> when (ms): the starts within a rate-limited slot's window
+-- plus, per slot, a memo STRING (KEYS[10n + j]): "done:"..ticket once a ticketed run ended.
 -- Tokens: a hold token is JSON [task id, host, pid, nonce, ticket, task, started, tags];
 -- a wait token is JSON [task id, host, pid, nonce, ticket]. Both carry the ticket 5th.
 
-local H, I, P, M, R, W, V, F, Q = 1, 2, 3, 4, 5, 6, 7, 8, 9
-local ROLES = 9
+local H, I, P, M, R, W, V, F, Q, S = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+local ROLES = 10
 local NOW = 0 -- ms, server time; set by now_ms()
 local N = 0 -- slots in this call; the script sets it
 
@@ -41,7 +42,7 @@ end
 -- The queue-limit rule (docs/protocol.md section 1; LimitSpec.resolve in limits.py is the
 -- same rule and a property test keeps them equal). A spec is
 --   "=N"                 a fixed limit N (a key mutex, the environment)
---   "q|c|s|d|x|u|o|k"    a queue's limit: 0 while the queue ("paused" in conf KEYS[c]) or
+--   "q|c|s|d|x|u|o|r|k"  a queue's limit (r: its rate, see rate_of): 0 while the queue ("paused" in conf KEYS[c]) or
 --                        the partition ("paused:"..k) is paused, or the partition
 --                        ("throttle:"..k; the queue's own slot: "throttle") is throttled
 --                        until a time (ms) still to come; else the limit recorded
@@ -82,6 +83,33 @@ local function declared(j, d)
     return tonumber(remembered)
   end
   return tonumber(redis.call("HGET", key(j, I), "#l") or "") -- written before "#d" existed
+end
+
+-- r of a queue spec, its rate "n/window ms": "=..." given at trigger time (recorded as "rate"
+-- in conf when write is true), "..." declared in code, "#" the one the slot remembers ("#r"),
+-- "" none; a recorded rate goes before a declared one. Sets RATE[j] = {n, window}.
+local RATE = {} -- slot j -> {n, window ms}: at most n runs start in any window of that length
+local RATE_DECL = {} -- slot j -> the declared rate, remembered on the slot ("#r")
+local function rate_of(j, r, conf, recorded, write)
+  local value
+  if string.sub(r, 1, 1) == "=" then
+    value = string.sub(r, 2)
+    if write and conf then
+      redis.call("HSET", conf, "rate", value)
+    end
+  else
+    local declared = r
+    if r == "#" then
+      declared = redis.call("HGET", key(j, I), "#r") or ""
+    else
+      RATE_DECL[j] = r
+    end
+    value = recorded or declared
+  end
+  local n, window = string.match(value or "", "^(%d+)/(%d+)$")
+  if n then
+    RATE[j] = {tonumber(n), tonumber(window)}
+  end
 end
 
 -- o of a queue spec: computed by the queue's callable for the partition's key, or "#": the
@@ -136,19 +164,23 @@ local function resolve_limit(spec, j, write)
     end
     return lim, false
   end
-  local c, s, d, x, u, o, k = string.match(spec,
-    "^q|(%d+)|(%d*)|([%d#]*)|(%d*)|(%d*)|([%d#!]*)|(.*)$")
+  local c, s, d, x, u, o, r, k = string.match(spec,
+    "^q|(%d+)|(%d*)|([%d#]*)|(%d*)|(%d*)|([%d#!]*)|([=%d/#]*)|(.*)$")
   if c == nil then
     error("bad limit spec " .. spec)
   end
   local conf = c ~= "0" and KEYS[tonumber(c)] or nil
   local recorded, own, paused = nil, nil, false -- one read of the queue's conf for all
+  if not conf then
+    rate_of(j, r, nil, nil, false)
+  end
   if conf then
     local got = redis.call("HMGET", conf, "limit", "key:" .. k, "total", "paused",
-      "paused:" .. k, k == "" and "throttle" or "throttle:" .. k)
+      "paused:" .. k, k == "" and "throttle" or "throttle:" .. k, "rate")
     recorded, own = tonumber(got[1] or ""), k ~= "" and tonumber(got[2] or "") or nil
     RECORDED_TOTAL[conf] = got[3] or false -- the total slot comes later in the plan
     paused = got[4] or (k ~= "" and got[5])
+    rate_of(j, r, conf, got[7], write)
     local until_ = tonumber(got[6] or "")
     if until_ and until_ > (NOW > 0 and NOW or now_ms()) then
       THROTTLED[j] = until_ -- throttle(): no new start before then (a timed pause)
@@ -217,10 +249,15 @@ end
 -- sweeper, refills of a line no plan names): "#l" the limit resolved now, "#d" and "#o" the
 -- declared and computed parts of a queue's spec. Returns HSET arguments.
 local function remember(j)
-  if DECL[j] and COMP[j] then
-    return "#l", LIM[j], "#d", DECL[j], "#o", COMP[j]
-  elseif DECL[j] then
-    return "#l", LIM[j], "#d", DECL[j]
+  local out = {"#l", LIM[j]}
+  if DECL[j] then
+    out[#out + 1], out[#out + 2] = "#d", DECL[j]
   end
-  return "#l", LIM[j]
+  if COMP[j] then
+    out[#out + 1], out[#out + 2] = "#o", COMP[j]
+  end
+  if RATE_DECL[j] then
+    out[#out + 1], out[#out + 2] = "#r", RATE_DECL[j]
+  end
+  return unpack(out)
 end

@@ -1,7 +1,7 @@
 -- fence.lua: the fencing token of a run that still holds its primary slot.
 -- docs/protocol.md section 6.6.
 --
--- KEYS  the nine role keys of the slot.
+-- KEYS  the ten role keys of the slot.
 -- ARGV  1 task id   2 hold token
 -- Returns the fence, or -1 when the run no longer holds the slot. Fences of one slot only
 -- ever grow: holds of one unit never overlap, the server clock (µs) moves on between them,

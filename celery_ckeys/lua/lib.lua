@@ -105,6 +105,35 @@ local function fair_leave(j, who, score)
   end
 end
 
+-- A rate-limited slot (core.lua RATE[j]) logs each start in S; at most n starts fall in any
+-- window of its length: a start is allowed only while fewer than n are in the window ending
+-- now. Returns the starts still allowed now, and (none allowed) when the next one will be.
+local RATE_DUE = {} -- slot j -> when a run waiting for the rate may start
+local function rate_room(j)
+  local r = RATE[j]
+  if not r then
+    return 1000000, nil
+  end
+  local log = key(j, S)
+  redis.call("ZREMRANGEBYSCORE", log, "-inf", NOW - r[2])
+  local n = redis.call("ZCARD", log)
+  if n < r[1] then
+    return r[1] - n, nil
+  end
+  local oldest = redis.call("ZRANGE", log, 0, 0, "WITHSCORES")
+  RATE_DUE[j] = tonumber(oldest[2]) + r[2]
+  return 0, RATE_DUE[j]
+end
+
+-- A run starts on slot j now (admitted, or woken from its line): logged for the rate.
+local function rate_start(j, who)
+  local r = RATE[j]
+  if r then
+    redis.call("ZADD", key(j, S), NOW, who .. "@" .. NOW)
+    redis.call("PEXPIRE", key(j, S), r[2])
+  end
+end
+
 local function starts_with(s, prefix)
   return string.sub(s, 1, #prefix) == prefix
 end
@@ -205,6 +234,7 @@ local function refill(j, lim, window, idx)
   end
   local room = lim and (lim - units(j)) or 1000000
   local fair = redis.call("HEXISTS", key(j, I), "#fair") == 1
+  local rate_left, free_at = nil, nil -- runs resuming started long ago: only the line waits
   while room > 0 do
     local first = redis.call("ZRANGE", key(j, R), 0, 0)[1]
     local given = false
@@ -212,6 +242,15 @@ local function refill(j, lim, window, idx)
       redis.call("ZREM", key(j, R), first)
       given = reserve_resume(j, first)
     else
+      if rate_left == nil then
+        rate_left, free_at = rate_room(j)
+      end
+      if rate_left <= 0 then
+        if free_at then
+          index(idx, j, free_at) -- swept when the window lets the next one start
+        end
+        break
+      end
       local head = redis.call("ZPOPMIN", key(j, P))
       if #head == 0 then
         break
@@ -224,6 +263,10 @@ local function refill(j, lim, window, idx)
       end
       if fair then
         fair_leave(j, head[1], given and head[2] or nil) -- not given: it had no message
+      end
+      if given then
+        rate_start(j, head[1]) -- its start is now: the unit is its own from here on
+        rate_left = rate_left - 1
       end
     end
     if given then

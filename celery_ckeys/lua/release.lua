@@ -1,7 +1,7 @@
 -- release.lua: give back what one run holds. docs/protocol.md section 6.2. The run's own end
 -- goes through unlock.lua (a simple slot) or give.lua (full slots, no ticket) first.
 --
--- KEYS  as acquire.lua: nine role keys per slot, the n memo keys, the conf keys the specs
+-- KEYS  as acquire.lua: ten role keys per slot, the n memo keys, the conf keys the specs
 --       name, the sweep index (its position is in ARGV[5]; 0 under Cluster).
 -- ARGV  1 mode: "normal" (the run's own end), "lost" (its pool process is gone),
 --         "forfeit" (Celery discarded this copy: revoked, expired, unknown task), "unclaim"

@@ -1,6 +1,6 @@
 -- renew.lua: extend the leases a live run still owns. docs/protocol.md section 6.5.
 --
--- KEYS  as acquire.lua (nine role keys per slot; the rest unused).
+-- KEYS  as acquire.lua (ten role keys per slot; the rest unused).
 -- ARGV  1 role: "hold" (a running run: its units, compared by hold token) or "wait" (a run
 --         in wait_for: its waiting entry and any unit reserved for its resume, compared by
 --         wait token)

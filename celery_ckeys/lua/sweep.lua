@@ -1,7 +1,7 @@
 -- sweep.lua: the handoff's safety net for one slot. docs/protocol.md section 6.7.
 -- Every worker's main process runs it each second on the slots the index says are due.
 --
--- KEYS  the nine role keys of the slot, its memo key (unused), the conf keys the spec
+-- KEYS  the ten role keys of the slot, its memo key (unused), the conf keys the spec
 --       names, the sweep index (ARGV[5] gives its position; 0 under Cluster).
 -- ARGV  1 claim window ms   2 countdown ms   3 lease ms   4 unused   5 index key position
 --       6 "1"   7 the slot's limit spec ("#" as the declared part: the limit last resolved
@@ -30,7 +30,7 @@ local woken = redis.call("HLEN", key(1, M)) - line
 if woken > 0 then
   due = NOW + window
 elseif line > 0 or redis.call("EXISTS", key(1, R)) == 1 then
-  due = NOW + countdown
+  due = math.min(RATE_DUE[1] or (NOW + countdown), NOW + countdown)
 end
 if idx ~= "" then
   if due < 0 then

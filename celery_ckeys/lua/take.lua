@@ -3,7 +3,7 @@
 -- only: it needs the limit rule, none of the line's helpers, and defining them on every call
 -- would cost more than the rest of this script.
 --
--- KEYS  as acquire.lua (nine role keys per slot, the memo keys, the conf keys the specs name,
+-- KEYS  as acquire.lua (ten role keys per slot, the memo keys, the conf keys the specs name,
 --       the sweep index), of which it reads or writes only H, I, P, M, R, V, F and the conf
 -- ARGV  1 task id   2 the hold token   3 lease ms   4 primary slot (its deferral record goes)
 --       5 n   6.. one limit spec per slot (core.lua resolve_limit)
@@ -21,8 +21,9 @@ local waiting = {}
 for j = 1, N do
   if USED[j] then
     local n = redis.pcall("ZCOUNT", key(j, H), 0, "+inf") -- an error: a simple slot
-    if type(n) ~= "number" or n >= LIM[j] or redis.call("HEXISTS", key(j, I), who) == 1 then
-      return 0
+    if type(n) ~= "number" or n >= LIM[j] or RATE[j]
+        or redis.call("HEXISTS", key(j, I), who) == 1 then
+      return 0 -- (a rate-limited slot logs its starts: the long way)
     end
     waiting[#waiting + 1] = key(j, P)
     waiting[#waiting + 1] = key(j, R)

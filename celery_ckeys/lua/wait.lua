@@ -1,7 +1,7 @@
 -- wait.lua: a run steps out of its units to wait for a child, and is told when to resume.
 -- docs/protocol.md section 6.3.
 --
--- KEYS  as acquire.lua (nine role keys per slot, n memo keys, conf keys, sweep index).
+-- KEYS  as acquire.lua (ten role keys per slot, n memo keys, conf keys, sweep index).
 -- ARGV  1 "enter": the run gives back every unit it holds with hold token ARGV[3] and is
 --         listed as waiting with wait token ARGV[4] (one call: nothing can reorder the two)
 --         "ready": its child reached a final state; a run still waiting with wait token
