@@ -84,6 +84,8 @@ class Run:
     kind: str
     key: str
     priority: int = 0
+    policy: str = "wait"  # issue 13's conflict policy: "wait", "skip" or "keep_latest"
+    replaced: bool = False  # keep_latest took it out of its line: it must never run
     executions: int = 0
     faults: int = 0
     done: bool = False
@@ -169,9 +171,10 @@ class Protocol(RuleBasedStateMachine):
         return self.store.resolve_limits([slot])[0] if slot.when_unlimited is None else 1
 
     # -- rules -------------------------------------------------------------------------
-    @rule(kind=st.sampled_from(KINDS), key=st.sampled_from(KEYS), priority=st.sampled_from([0, 5]))
-    def submit(self, kind: str, key: str, priority: int) -> None:
-        run = Run(id=f"r{len(self.runs)}", kind=kind, key=key, priority=priority)
+    @rule(kind=st.sampled_from(KINDS), key=st.sampled_from(KEYS), priority=st.sampled_from([0, 5]),
+          policy=st.sampled_from(["wait", "wait", "skip", "keep_latest"]))
+    def submit(self, kind: str, key: str, priority: int, policy: str) -> None:
+        run = Run(id=f"r{len(self.runs)}", kind=kind, key=key, priority=priority, policy=policy)
         self.runs[run.id] = run
         self.broker.append(Msg(run.id))
 
@@ -209,16 +212,32 @@ class Protocol(RuleBasedStateMachine):
         token = self.token(run, host, msg.ticket)
         new_ticket = msg.ticket or uuid.uuid4().hex[:16]
 
-        def attempt(message: str) -> Any:
+        policy = run.policy if not msg.ticket else "wait"  # as gate.admit
+        place = replace(self.plan(run).place(msg.first_ms, run.priority),
+                        replace=policy == "keep_latest")
+
+        def attempt(message: str, primary: int = 1) -> Any:
             return self.store.acquire(slots, run.id, token, ticket=msg.ticket,
-                                      new_ticket=new_ticket, message=message,
-                                      place=self.plan(run).place(msg.first_ms, run.priority),
-                                      home=msg.home)
+                                      new_ticket=new_ticket, message=message, place=place,
+                                      primary=primary, home=msg.home)
         lines_before = {s.tag: self.line_of(s.tag) for s in slots}
-        # a copy woken from a line goes back to a line whatever the worker's deferral
-        result = attempt("?" if handoff or msg.ticket else "")
-        if result.status == "needs_message":
-            result = attempt(json.dumps({"run": run.id}))
+        result = None
+        if policy == "skip":  # a look first, which changes nothing when it is blocked
+            result = attempt("", primary=0)
+            if result.status == "blocked" and result.blocked == self.plan(run).slots[0]:
+                self.ops.append(f"skip {run.id}: {result.blocked.label} is full")
+                run.revoked = True
+                return
+            if not result.ok:
+                result = None
+        if result is None:
+            # a copy woken from a line goes back to a line whatever the worker's deferral
+            result = attempt("?" if handoff or msg.ticket else "")
+            if result.status == "needs_message":
+                result = attempt(json.dumps({"run": run.id, "task": "t"}))
+        for gone in result.replaced:  # keep_latest: REVOKED, never to run
+            self.ops.append(f"  {run.id} replaced {gone}")
+            self.runs[gone].revoked = self.runs[gone].replaced = True
         self.check_turns(slots, lines_before)
         self.ops.append(f"admit {run.id} {msg} handoff={handoff}: {result.status} {result.why}"
                         f" {[s.label for s in result.taken]} blocked="
@@ -285,6 +304,7 @@ class Protocol(RuleBasedStateMachine):
             run.executions += 1
             run.done = True
             return
+        assert not run.replaced, f"{run.id} runs after keep_latest replaced it"
         # S3: one copy at a time (a stale one lost its lease: that is a fault)
         assert run.running is None or run.running.stale, f"{run.id} executes twice at once"
         assert run.waiting is None, f"{run.id} started while it waits in wait_for"
