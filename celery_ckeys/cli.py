@@ -2,7 +2,8 @@
 
 ::
 
-    celery -A proj ckeys status [--tag TAG] [--all] [--json]
+    celery -A proj ckeys status [--tag TAG] [--all] [--json | --watch SECONDS]
+    celery -A proj ckeys exporter [--port 9808] [--address 127.0.0.1]
     celery -A proj ckeys explain TASK_ID [--json]
     celery -A proj ckeys release KEY [--yes]
     celery -A proj ckeys release --queue QUEUE [--key KEY] [--yes]
@@ -20,6 +21,7 @@ Tables for people by default, ``--json`` for scripts. Registered through the
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Optional
 
 import click
@@ -79,9 +81,28 @@ def ckeys(ctx: click.Context, **_: Any) -> None:
 @click.option("--tag", help="only slots where a run carries this tag")
 @click.option("--all", "show_all", is_flag=True, help="also list idle queues with a recorded limit")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--watch", type=float, default=None, metavar="SECONDS",
+              help="redraw the table in place every SECONDS until interrupted")
 @click.pass_context
-def status(ctx: click.Context, tag: Optional[str], show_all: bool, as_json: bool) -> None:
+def status(ctx: click.Context, tag: Optional[str], show_all: bool, as_json: bool,
+           watch: Optional[float]) -> None:
     """Each queue, partition and key in use: limit, holders, waiting and deferred runs."""
+    if watch is not None:
+        if watch <= 0 or as_json:
+            raise click.UsageError("--watch takes a positive number of seconds, and no --json")
+        try:
+            while True:
+                click.clear()
+                _print_status(ctx, tag, show_all)
+                click.echo(f"\n(every {watch:g} s; Ctrl-C to stop)")
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            return
+    _print_status(ctx, tag, show_all, as_json=as_json)
+
+
+def _print_status(ctx: click.Context, tag: Optional[str], show_all: bool,
+                  as_json: bool = False) -> None:
     try:
         slots = _status(ctx, tag, show_all)
     except CkeysError as exc:
@@ -118,6 +139,24 @@ def status(ctx: click.Context, tag: Optional[str], show_all: bool, as_json: bool
             rows.append([s.label, "woken" if p.woken else str(p.position), p.task_id, p.task_name,
                          p.key or "-", str(p.priority), _age(p.parked_seconds)])
         click.echo(_table(rows))
+
+
+@ckeys.command(cls=CeleryCommand)
+@click.option("--port", type=int, default=9808, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="the address to bind (loopback unless you say otherwise)")
+@click.pass_context
+def exporter(ctx: click.Context, port: int, address: str) -> None:
+    """Serve per-queue and per-partition gauges for Prometheus at /metrics (reads Redis)."""
+    from .exporter import serve_forever
+
+    app = _app(ctx)
+    click.echo(f"serving ckeys_slot_* gauges of namespace {get_config(app).namespace} on"
+               f" http://{address}:{port}/metrics")
+    try:
+        serve_forever(app, port, address)
+    except CkeysError as exc:
+        _fail(exc)
 
 
 def _status(ctx: click.Context, tag: Optional[str], show_all: bool) -> list[SlotStatus]:
