@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint demo bench bench-quick chaos clean
+.PHONY: help venv test lint demo bench bench-quick chaos dist clean
 
 help:
 	@echo "make demo   - run the example project's scenarios on an embedded Redis"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench  - benchmarks against plain Celery and peer packages"
 	@echo "make bench-quick - the hot path's Redis cost, asserted (CI runs it)"
 	@echo "make chaos  - the long chaos run (CI runs a short one inside make test)"
+	@echo "make dist   - sdist and wheel in dist/, checked with twine"
 
 $(STAMP): pyproject.toml example_project/pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 9), "Python 3.9+ is required"'
@@ -43,6 +44,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	cd bench && ../$(BIN)/python serverside.py
+
+dist: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[release]"
+	rm -rf dist build
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m build --outdir dist .  # no byte-compile warnings
+	$(BIN)/twine check --strict dist/*
 
 chaos: $(STAMP)
 	$(BIN)/python -m pytest tests/test_chaos.py -m chaos --chaos-runs=10000 --timeout=1800 -s
