@@ -141,7 +141,7 @@ class ClusterStore(Store):
                 home: Optional[str] = None) -> AcquireResult:
         result = self._admit(slots, who, token, mode=mode, ticket=ticket, new_ticket=new_ticket,
                              message=message, place=self._weighed(place or Place(), message),
-                             home=home)
+                             home=home, primary=primary)
         # the unit woken for this copy on a line its plan does not need (any more) goes back,
         # as in acquire.lua (unless the copy stood aside: the run is in line elsewhere)
         if home and ticket and result.status != "needs_message" and result.why != "parked":
@@ -166,12 +166,14 @@ class ClusterStore(Store):
                        weight_conf=None)
 
     def _admit(self, slots: Sequence[Slot], who: str, token: str, *, mode: str, ticket: str,
-               new_ticket: str, message: str, place: Place, home: Optional[str]) -> AcquireResult:
+               new_ticket: str, message: str, place: Place, home: Optional[str],
+               primary: int = 1) -> AcquireResult:
         steps = self._steps(slots, record=mode == "run")
         if mode != "resume":
             return self._steps_in_order(steps, who, token, mode=mode, ticket=ticket,
                                         new_ticket=new_ticket, message=message,
-                                        place=place, home=home)
+                                        place=place, home=home, primary=primary,
+                                        first_slot=slots[0] if slots else None)
         # first make sure every slot has a unit reserved for the run; claim only then
         for i, (fixed, original) in enumerate(steps):
             self.note_line(original.tag)  # the sweeper drops its place if the waiter dies
@@ -194,7 +196,8 @@ class ClusterStore(Store):
 
     def _steps_in_order(self, steps: list[tuple[Slot, Slot]], who: str, token: str, *, mode: str,
                         ticket: str, new_ticket: str, message: str, place: Place,
-                        home: Optional[str]) -> AcquireResult:
+                        home: Optional[str], primary: int = 1,
+                        first_slot: Optional[Slot] = None) -> AcquireResult:
         # A woken copy visits its home line first (where its reservation is), then the rest in
         # plan order; blocked later in the plan it keeps its home unit and waits with priority,
         # blocked earlier it gives it back: the ordering rule of acquire.lua, step by step.
@@ -205,6 +208,10 @@ class ClusterStore(Store):
             order.insert(0, at_home)
         taken: list[tuple[int, Slot]] = []
         claimed_home = False
+        # keep_latest replaces only on the plan's own first slot (acquire.lua's slot 1); each
+        # step's slot is its own primary, and a look records nothing (negative, as the plan's)
+        own = first_slot
+        sign = -1 if primary < 0 else (1 if primary > 0 else 0)
         for i in order:
             fixed, original = steps[i]
             if message not in ("", "?"):
@@ -214,8 +221,8 @@ class ClusterStore(Store):
             result = Store.acquire(self, [fixed], who, token, mode=step_mode, ticket=ticket,
                                    new_ticket=new_ticket, message=message,
                                    place=replace(place, kept=keeps_home,
-                                                 replace=place.replace and i == 0),
-                                   primary=1)
+                                                 replace=place.replace and original is own),
+                                   primary=sign)
             if not result.ok:
                 # a home unit claimed before a later full slot stays kept, whether the run
                 # parks now or is asked for its message first (it claims "@h" then)

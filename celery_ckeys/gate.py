@@ -331,11 +331,13 @@ def admit(task: Any, request: Any, store: Store, plan: Plan, headers: dict[str, 
     try:
         if policy in ("skip", "cancel_running"):
             # a look first: a fresh run that is blocked changes nothing when it neither parks
-            # nor records a deferral (primary 0)
-            result = attempt("", primary=0)
+            # nor records a deferral (a negative primary: admitted, it still clears its record)
+            result = attempt("", primary=-plan.primary)
             if result.ok:
                 return hold(task, request, store, plan, token, ticket, result)
-            if result.status == "blocked" and result.blocked == plan.slots[0]:
+            if (result.status == "blocked" and result.blocked == plan.slots[0]
+                    and result.limit > 0 and not result.rate_wait_ms  # full, not paused
+                    and result.holder != request.id):  # nor held by a copy of itself
                 if policy == "skip":
                     conflict.skip(task, request, result)
                 conflict.cancel_holder(task, request, result)

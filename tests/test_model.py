@@ -223,8 +223,9 @@ class Protocol(RuleBasedStateMachine):
         lines_before = {s.tag: self.line_of(s.tag) for s in slots}
         result = None
         if policy == "skip":  # a look first, which changes nothing when it is blocked
-            result = attempt("", primary=0)
-            if result.status == "blocked" and result.blocked == self.plan(run).slots[0]:
+            result = attempt("", primary=-1)
+            if (result.status == "blocked" and result.blocked == self.plan(run).slots[0]
+                    and result.limit > 0 and not result.rate_wait_ms and result.holder != run.id):
                 self.ops.append(f"skip {run.id}: {result.blocked.label} is full")
                 run.revoked = True
                 return

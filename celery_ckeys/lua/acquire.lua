@@ -25,6 +25,8 @@
 --         the position of the conf HASH that may record "weight:"..key (0: none); the fair
 --         slots ("j.j": a total, the environment; "" none); its key (last: any character)
 --       9 "claim window ms,countdown ms,deferral memory ms,primary slot,index position"
+--         (primary slot negative: a look that records no deferral, but admitted clears the
+--         run's record there; 0: neither)
 --       10 n   11.. one limit spec per slot (lib.lua resolve_limit)
 -- The uncontended cases rarely get here: the store takes an idle simple slot with a bare SET
 -- NX PX (docs/protocol.md section 3, invariant I1) and free units of full slots with
@@ -47,7 +49,7 @@ local order, priority, kept_elsewhere, replacing, weight, weight_at, fair, fkey 
   ARGV[8], "^(%d+)|(%-?%d+)|([01])|([01])|(%d*)|(%d+)|([%d.]*)|(.*)$")
 order, priority = tonumber(order), tonumber(priority)
 local window, countdown, memory, primary, at = string.match(ARGV[9],
-  "^(%d+),(%d+),(%d+),(%d+),(%d+)$")
+  "^(%d+),(%d+),(%d+),(%-?%d+),(%d+)$")
 window, countdown, memory, primary = tonumber(window), tonumber(countdown), tonumber(memory),
   tonumber(primary)
 local idx = at ~= "0" and KEYS[tonumber(at)] or ""
@@ -111,7 +113,7 @@ for j = 1, N do
   if USED[j] then
     local c, ok = C[j], false
     if c == "claim" then
-      ok = true
+      ok = LIM[j] ~= 0 -- woken before a pause: it waits again, in line, for the resume
     elseif c == "resume" then
       ok = redis.call("ZRANGE", key(j, R), 0, 0)[1] == who
         and units(j) < LIM[j]
@@ -150,8 +152,9 @@ if blocked == nil then
       elseif C[j] == "claim" then
         redis.call("HDEL", key(j, M), who)
         redis.call("HDEL", key(j, I), "n:" .. who)
+        rate_claimed(j, who) -- its start is now
       else
-        rate_start(j, who) -- a woken run's start was logged when it was woken
+        rate_start(j, who)
       end
       taken[#taken + 1] = tostring(j)
     end
@@ -168,8 +171,8 @@ if blocked == nil then
       end
     end
   end
-  if primary > 0 then
-    redis.call("HDEL", key(primary, F), who)
+  if primary ~= 0 then
+    redis.call("HDEL", key(math.abs(primary), F), who)
   end
   settle_all(lease)
   return {1, table.concat(taken, ","), claimed and 1 or 0, OUT}
@@ -264,9 +267,6 @@ if parking then
   -- a run that keeps units of earlier slots (here, or under Cluster in an earlier call)
   -- waits ahead of every run that keeps nothing, first come first served, unless the line
   -- is fair (protocol.md section 4.1)
-  if redis.call("EXISTS", key(b, H)) == 0 then
-    redis.call("ZADD", key(b, H), -1, KEEPER) -- a paused slot: nobody holds it (I1)
-  end
   if redis.call("ZSCORE", key(b, P), who) == false then
     local is_fair = string.find("." .. fair .. ".", "." .. b .. ".", 1, true) ~= nil
     local w = 1

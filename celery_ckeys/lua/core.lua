@@ -185,6 +185,8 @@ local function resolve_limit(spec, j, write)
     if until_ and until_ > (NOW > 0 and NOW or now_ms()) then
       THROTTLED[j] = until_ -- throttle(): no new start before then (a timed pause)
       paused = true
+    elseif until_ and write then
+      redis.call("HDEL", conf, k == "" and "throttle" or "throttle:" .. k) -- it has passed
     end
   end
   local decl = declared(j, d)

@@ -109,6 +109,11 @@ end
 -- window of its length: a start is allowed only while fewer than n are in the window ending
 -- now. Returns the starts still allowed now, and (none allowed) when the next one will be.
 local RATE_DUE = {} -- slot j -> when a run waiting for the rate may start
+-- A run woken from the line has a *pending* entry (member: its task id, score PENDING + the
+-- time it was woken): it counts until its copy claims (the entry then gets the claim time:
+-- its start) or its reservation goes (the entry goes too), so neither a slow claim nor a
+-- re-wake lets more than n begin in a window.
+local PENDING = 1e13
 local function rate_room(j)
   local r = RATE[j]
   if not r then
@@ -120,17 +125,47 @@ local function rate_room(j)
   if n < r[1] then
     return r[1] - n, nil
   end
-  local oldest = redis.call("ZRANGE", log, 0, 0, "WITHSCORES")
-  RATE_DUE[j] = tonumber(oldest[2]) + r[2]
+  local oldest = tonumber(redis.call("ZRANGE", log, 0, 0, "WITHSCORES")[2])
+  -- all of them pending: look again in a window (a claim, or a lapsed reservation, frees it)
+  RATE_DUE[j] = oldest < PENDING and oldest + r[2] or NOW + r[2]
   return 0, RATE_DUE[j]
 end
 
--- A run starts on slot j now (admitted, or woken from its line): logged for the rate.
+-- A fresh run starts on slot j now: logged for the rate.
 local function rate_start(j, who)
   local r = RATE[j]
   if r then
     redis.call("ZADD", key(j, S), NOW, who .. "@" .. NOW)
-    redis.call("PEXPIRE", key(j, S), r[2])
+    redis.call("PEXPIRE", key(j, S), math.max(redis.call("PTTL", key(j, S)), r[2]))
+  end
+end
+
+-- A run of the line is woken on slot j (pending), claims (its start is now), or its woken
+-- or kept unit goes back unused (its pending entry goes).
+local function rate_woken(j, who)
+  if RATE[j] then
+    redis.call("ZADD", key(j, S), PENDING + NOW, who)
+    redis.call("PERSIST", key(j, S)) -- a pending entry lives as long as the reservation
+  end
+end
+
+local function rate_claimed(j, who)
+  local r = RATE[j]
+  if r and redis.call("ZSCORE", key(j, S), who) then
+    redis.call("ZADD", key(j, S), NOW, who)
+    if redis.call("ZCOUNT", key(j, S), PENDING, "+inf") == 0 then
+      redis.call("PEXPIRE", key(j, S), r[2])
+    end
+  end
+end
+
+local function rate_unused(j, who)
+  local score = redis.call("ZSCORE", key(j, S), who)
+  if score and tonumber(score) >= PENDING then
+    redis.call("ZREM", key(j, S), who)
+    if RATE[j] and redis.call("ZCOUNT", key(j, S), PENDING, "+inf") == 0 then
+      redis.call("PEXPIRE", key(j, S), RATE[j][2])
+    end
   end
 end
 
@@ -165,6 +200,9 @@ local function settle(j, lease)
   TOUCHED[j] = nil
   local h, i = key(j, H), key(j, I)
   if redis.call("EXISTS", key(j, P), key(j, R), key(j, M)) > 0 then
+    if redis.call("EXISTS", h) == 0 then
+      redis.call("ZADD", h, -1, KEEPER) -- nobody holds (paused, throttled): I1 holds still
+    end
     redis.call("PERSIST", h)
     redis.call("PERSIST", i)
     return
@@ -265,7 +303,7 @@ local function refill(j, lim, window, idx)
         fair_leave(j, head[1], given and head[2] or nil) -- not given: it had no message
       end
       if given then
-        rate_start(j, head[1]) -- its start is now: the unit is its own from here on
+        rate_woken(j, head[1]) -- it counts from now, and starts when its copy claims
         rate_left = rate_left - 1
       end
     end
@@ -316,12 +354,18 @@ local function prune(j, lim, window, idx)
     local info = redis.call("HGET", i, who)
     redis.call("ZREM", h, who)
     redis.call("HDEL", i, who)
+    if info and starts_with(info, "@") then
+      rate_unused(j, who) -- a reservation that lapsed started nothing
+    end
     if info and starts_with(info, "@w") then
       again[#again + 1] = who
     end
   end
   for _, who in ipairs(again) do
-    local woken = (not lim or units(j) < lim) and wake(j, who, window, idx)
+    local woken = (not lim or units(j) < lim) and rate_room(j) > 0 and wake(j, who, window, idx)
+    if woken == true then
+      rate_woken(j, who)
+    end
     if woken ~= true and redis.call("HEXISTS", key(j, M), who) == 1 then
       redis.call("ZADD", key(j, P), HEAD_OF_LINE, who)
     end
@@ -340,6 +384,7 @@ end
 
 -- Give back a unit of slot j held or reserved by `who` (if info matches), then refill.
 local function give_back(j, who, lim, window, idx)
+  rate_unused(j, who) -- a woken or kept unit given back unused started nothing
   redis.call("ZREM", key(j, H), who)
   redis.call("HDEL", key(j, I), who, "n:" .. who)
   refill(j, lim, window, idx)

@@ -30,7 +30,7 @@ local woken = redis.call("HLEN", key(1, M)) - line
 if woken > 0 then
   due = NOW + window
 elseif line > 0 or redis.call("EXISTS", key(1, R)) == 1 then
-  due = math.min(RATE_DUE[1] or (NOW + countdown), NOW + countdown)
+  due = math.min(THROTTLED[1] or RATE_DUE[1] or (NOW + countdown), NOW + countdown)
 end
 if idx ~= "" then
   if due < 0 then
