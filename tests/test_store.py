@@ -475,6 +475,66 @@ def test_a_rate_lets_n_runs_start_in_any_window_and_says_when_the_next_may(store
     assert woke_at - min(first) >= 1000, "a fourth run started within the first one's second"
 
 
+def test_a_woken_run_counts_for_the_rate_until_its_copy_claims(store: Store) -> None:
+    """Review finding F1 (issue 13): the start of a woken run was logged when it was woken,
+    so a copy that claimed more than a window later, or a re-wake, let a fresh run start
+    in the same window as it."""
+    from celery_ckeys.contrib.testing import wait_until
+
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    s = slots(store, queue=ConcurrencyQueue("R", limit=10, rate="1/s"), key="k")
+    assert take(store, s, "r0")[0]
+    assert store.acquire(s, "r1", token("r1"), message="m", new_ticket="tr1").parked
+    sweeper = slot_for_tag(store.config, store.names, s[0].tag)
+    assert sweeper is not None
+
+    def swept() -> bool:
+        store.sweep(sweeper)
+        return bool(woken)
+    wait_until(swept, timeout=5, message="r1 is woken once the window allows it")
+    woke = store.now_ms()
+    wait_until(lambda: store.now_ms() > woke + 1100, timeout=5, message="a window passes")
+    assert store.acquire(s, "r2", token("r2")).status == "blocked", \
+        "a fresh run started while a woken run, not yet started, held the window's start"
+    ok, _ = take(store, s, "r1", ticket="tr1", home=s[0].tag)
+    assert ok
+    assert store.acquire(s, "r3", token("r3")).rate_wait_ms > 0, "r1's start was not counted"
+
+
+def test_a_run_woken_before_a_pause_waits_again_when_it_claims(store: Store) -> None:
+    """Review finding F9: a woken copy claimed and started on a paused partition."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    s = slots(store, queue=ConcurrencyQueue("Q", limit=1), key="k")
+    ok, held = take(store, s, "h")
+    assert ok
+    assert store.acquire(s, "r", token("r"), message="m", new_ticket="tr").parked
+    store.release(s, "h", held)
+    assert [w.ticket for w in woken] == ["tr"]
+    store.set_key_limit("Q", "k", 1, what="paused")
+    got = store.acquire(s, "r", token("r", ticket="tr"), ticket="tr", home=s[0].tag,
+                        message="m")
+    assert not got.ok and got.limit == 0, "a woken run started on a paused partition"
+    assert "r" in dict(store.read_slot(s[0].tag).line), "it lost its place in line"
+
+
+def test_keep_latest_blocked_on_a_total_replaces_nobody(store: Store) -> None:
+    """Review finding F2: under Cluster the first step actually needed (a total) was taken
+    for the run's own slot, and another key's run waiting there was revoked."""
+    queue = ConcurrencyQueue("Q", total_limit=1)
+    x = slots(store, queue=queue, key="X")
+    assert take(store, x, "x")[0]
+    body = json.dumps({"task": "t", "sig": {}})  # the same task as the newcomer's token
+    assert store.acquire(slots(store, queue=queue, key="A"), "a", token("a"), message=body,
+                         new_ticket="ta").parked
+    plan = plan_for(store.config, RunSpec(task_name="t", queue=queue))
+    assert plan is not None
+    got = store.acquire(plan.slots, "n", token("n"), message=body, new_ticket="tn",
+                        place=Place(replace=True))
+    assert got.parked and got.replaced == (), "keep_latest replaced another key's run"
+
+
 def test_a_paused_queue_starts_nothing_and_resume_wakes_its_line(store: Store) -> None:
     """Pause (issue 13): limit 0 while paused, the running run keeps its unit, the waiting
     run keeps its place; resuming, a sweep of the queue's lines wakes it."""

@@ -253,7 +253,9 @@ if replacing == "1" and b == 1 and C[b] ~= "busy" then
       local fine, decoded = pcall(cjson.decode, rec["info"])
       info = fine and type(decoded) == "table" and decoded or {}
     end
-    if other ~= who and info[6] == task then
+    if other ~= who and redis.call("HEXISTS", key(b, I), other) == 1 then
+      redis.call("HDEL", f, other) -- it runs (admitted on the fast path): a stale record
+    elseif other ~= who and info[6] == task then
       redis.call("HDEL", f, other)
       replaced[#replaced + 1] = other
     end
