@@ -49,9 +49,11 @@ class ClusterStore(Store):
         got = seen[conf]
         own = int(got[extra[0]]) if extra and got[extra[0]] is not None else None
         until = got[extra[2]] if extra else got["throttle"]
+        throttled = until is not None and int(until) > self.now_ms()
+        if until is not None and not throttled and record:  # it has passed: forget it
+            self.guarded(lambda c: c.hdel(conf, extra[2] if extra else "throttle"))
         paused = not spec.total and (
-            got["paused"] is not None or bool(extra and got[extra[1]] is not None)
-            or (until is not None and int(until) > self.now_ms()))
+            got["paused"] is not None or bool(extra and got[extra[1]] is not None) or throttled)
         rate = spec.rate_trigger
         if rate is not None and record:
             self.guarded(lambda c: c.hset(conf, "rate", rate))
@@ -223,6 +225,11 @@ class ClusterStore(Store):
                                    place=replace(place, kept=keeps_home,
                                                  replace=place.replace and original is own),
                                    primary=sign)
+            if result.parked and result.rate_wait_ms:
+                # its line is swept when the rate or the throttle lets it go (the scripts
+                # cannot reach the index on its own tag)
+                self.call("index", [self.names.index_key()],
+                          ["soon", original.tag, result.rate_wait_ms])
             if not result.ok:
                 # a home unit claimed before a later full slot stays kept, whether the run
                 # parks now or is asked for its message first (it claims "@h" then)

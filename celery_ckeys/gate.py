@@ -432,7 +432,8 @@ class FencedContext(Context):  # type: ignore[misc]
 
 def _why(request: Any, result: AcquireResult) -> str:
     if result.rate_wait_ms:
-        return f"at its rate: the next run may start in {result.rate_wait_ms} ms"
+        what = "at its rate" if result.limit else "throttled"
+        return f"{what}: the next run may start in {result.rate_wait_ms} ms"
     if result.limit == 0:
         return "paused (celery ckeys resume starts it again)"
     holder = result.holder
@@ -448,9 +449,9 @@ def on_blocked(task: Any, request: Any, config: CkeysConfig, result: AcquireResu
     blocked_by = result.blocked.label
     defer_log.info("run %s of %s deferred: %s (limit %d) is %s",
                    request.id, task.name, blocked_by, result.limit, _why(request, result))
-    if result.rate_wait_ms:
-        defer(task, request, config, blocked_by=blocked_by, holder=result.holder, reason="rate",
-              after=result.rate_wait_ms / 1000)
+    if result.rate_wait_ms:  # its rate, or a throttle (limit 0), says when it may start
+        defer(task, request, config, blocked_by=blocked_by, holder=result.holder,
+              reason="rate" if result.limit else "throttled", after=result.rate_wait_ms / 1000)
     defer(task, request, config, blocked_by=blocked_by, holder=result.holder,
           reason="paused" if result.limit == 0 else "busy")
 

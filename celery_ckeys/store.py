@@ -96,7 +96,7 @@ class AcquireResult:
     why: str = ""
     #: keep_latest: the runs of its task that stopped waiting on its slot for it
     replaced: tuple[str, ...] = ()
-    #: blocked by ``blocked``'s rate: ms until it lets a run start (0: not the rate)
+    #: blocked by ``blocked``'s rate or throttle: ms until it lets a run start (0: neither)
     rate_wait_ms: int = 0
 
     @property

@@ -38,7 +38,8 @@
 --                                       slot j blocks; parked is 1 when the run now waits
 --                                       in its line (handoff); replaced: the task ids that
 --                                       stopped waiting for it (replace); rate_wait: ms
---                                       until slot j's rate lets a run start (0: not the rate)
+--                                       until slot j's rate (or throttle) lets a run start
+--                                       (0: neither)
 --   {2, "dup" | "parked", wakes}        a copy that must not run (protocol.md section 5)
 --   {3, wakes}                          blocked, and the message to park was not given
 --   {4, wakes}                          reserve: a unit of every slot is reserved for it
@@ -303,4 +304,5 @@ elseif primary > 0 then
   extend(f, memory)
 end
 settle_all(lease)
-return {0, b, holder, LIM[b], parked, replaced, RATE_DUE[b] and (RATE_DUE[b] - NOW) or 0, OUT}
+local free_at = RATE_DUE[b] or THROTTLED[b] -- when its rate, or its throttle, lets it start
+return {0, b, holder, LIM[b], parked, replaced, free_at and math.max(1, free_at - NOW) or 0, OUT}
