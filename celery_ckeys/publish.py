@@ -140,22 +140,10 @@ def prepare(options: dict[str, Any], *, task: Any = None,
     elif HEADER_QUEUE in headers:
         coerce_queue(headers[HEADER_QUEUE])
 
-    priority = options.pop("concurrency_priority", None)
-    if priority is None and task is not None and HEADER_PRIORITY not in headers:
-        priority = getattr(task, "concurrency_priority", 0) or None
-    if priority is not None:
-        headers[HEADER_PRIORITY] = check_priority(priority)
-    elif HEADER_PRIORITY in headers:
-        check_priority(headers[HEADER_PRIORITY])
-
-    policy = options.pop("concurrency_policy", None)
-    if policy is None and task is not None and HEADER_POLICY not in headers:
-        declared = getattr(task, "concurrency_policy", "wait")
-        policy = declared if declared != "wait" else None
-    if policy is not None:
-        headers[HEADER_POLICY] = check_policy(policy)
-    elif HEADER_POLICY in headers:
-        check_policy(headers[HEADER_POLICY])
+    _option_with_default(options, headers, task, "concurrency_priority", HEADER_PRIORITY, 0,
+                         check_priority)
+    _option_with_default(options, headers, task, "concurrency_policy", HEADER_POLICY, "wait",
+                         check_policy)
 
     _check_computed_limit(task, headers)
 
@@ -167,6 +155,21 @@ def prepare(options: dict[str, Any], *, task: Any = None,
 
     if headers:
         options["headers"] = headers
+
+
+def _option_with_default(options: dict[str, Any], headers: dict[str, Any], task: Any,
+                         option: str, header: str, neutral: Any,
+                         check: Callable[[Any], Any]) -> None:
+    """An option given at the call, else the task's own default (no header when it is the
+    neutral value), checked and carried as ``header``; a header given directly is checked."""
+    value = options.pop(option, None)
+    if value is None and task is not None and header not in headers:
+        declared = getattr(task, option, neutral)
+        value = declared if declared != neutral else None
+    if value is not None:
+        headers[header] = check(value)
+    elif header in headers:
+        check(headers[header])
 
 
 def _check_computed_limit(task: Any, headers: Mapping[str, Any]) -> None:
