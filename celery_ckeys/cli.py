@@ -4,6 +4,8 @@
 
     celery -A proj ckeys status [--tag TAG] [--all] [--json | --watch SECONDS]
     celery -A proj ckeys exporter [--port 9808] [--address 127.0.0.1]
+    celery -A proj ckeys dashboard [--port 5566] [--address 127.0.0.1] [--basic-auth U:P]
+                                   [--allow-actions]
     celery -A proj ckeys explain TASK_ID [--json]
     celery -A proj ckeys release KEY [--yes]
     celery -A proj ckeys release --queue QUEUE [--key KEY] [--yes]
@@ -29,14 +31,13 @@ from celery.bin.base import CeleryCommand, handle_preload_options
 
 from . import introspect
 from . import limits as limits_api
-from .admission import slot_for_tag
+from . import release as release_api
 from .config import get_config
 from .errors import CkeysError
-from .introspect import SlotStatus, declared_queues
-from .naming import enc, parse_tag
+from .introspect import SlotStatus, age_text, declared_queues
+from .naming import parse_tag
 from .redaction import redact
-from .store import Store, owner_prefix
-from .validation import check_key, check_queue_name
+from .store import Store
 
 
 def _app(ctx: click.Context) -> Any:
@@ -47,16 +48,6 @@ def _store(ctx: click.Context) -> Store:
     from .gate import store_of
 
     return store_of(_app(ctx))
-
-
-def _age(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m{seconds % 60:02.0f}s"
-    return f"{seconds / 3600:.0f}h{seconds % 3600 / 60:02.0f}m"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -121,14 +112,14 @@ def _print_status(ctx: click.Context, tag: Optional[str], show_all: bool,
         limit = "paused" if s.paused else "-" if s.limit is None else str(s.limit)
         rows.append([s.label, limit, str(len(s.holders)),
                      str(len(s.waiting)), str(len(s.deferred)), str(len(s.parked)),
-                     _age(s.oldest_wait_seconds)])
+                     age_text(s.oldest_wait_seconds)])
     click.echo(_table(rows))
     holders = [(s, h) for s in slots for h in s.holders]
     if holders:
         click.echo("")
         rows = [["SLOT", "TASK ID", "TASK", "AGE", "WORKER", "TAGS"]]
         for s, h in holders:
-            rows.append([s.label, h.task_id, h.task_name, _age(h.held_seconds),
+            rows.append([s.label, h.task_id, h.task_name, age_text(h.held_seconds),
                          f"{h.worker} (pid {h.pid})" if h.pid else h.worker, ",".join(h.tags)])
         click.echo(_table(rows))
     line = [(s, p) for s in slots for p in s.parked]
@@ -137,7 +128,7 @@ def _print_status(ctx: click.Context, tag: Optional[str], show_all: bool,
         rows = [["LINE OF", "#", "TASK ID", "TASK", "KEY", "PRIORITY", "WAITING"]]
         for s, p in line:
             rows.append([s.label, "woken" if p.woken else str(p.position), p.task_id, p.task_name,
-                         p.key or "-", str(p.priority), _age(p.parked_seconds)])
+                         p.key or "-", str(p.priority), age_text(p.parked_seconds)])
         click.echo(_table(rows))
 
 
@@ -155,6 +146,32 @@ def exporter(ctx: click.Context, port: int, address: str) -> None:
                f" http://{address}:{port}/metrics")
     try:
         serve_forever(app, port, address)
+    except CkeysError as exc:
+        _fail(exc)
+
+
+@ckeys.command(cls=CeleryCommand)
+@click.option("--port", type=int, default=5566, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="the address to bind; anything but loopback needs --basic-auth")
+@click.option("--basic-auth", envvar="CKEYS_DASHBOARD_AUTH", metavar="USER:PASSWORD",
+              help="ask every request for these credentials (or set CKEYS_DASHBOARD_AUTH)")
+@click.option("--allow-actions", is_flag=True,
+              help="offer release, pause, resume and set limit (each confirmed and logged)")
+@click.option("--interval", type=float, default=2.0, show_default=True,
+              help="seconds between two reads of Redis")
+@click.pass_context
+def dashboard(ctx: click.Context, port: int, address: str, basic_auth: Optional[str],
+              allow_actions: bool, interval: float) -> None:
+    """Serve a live web page of every queue, partition and key (reads Redis)."""
+    from .dashboard import serve
+
+    app = _app(ctx)
+    click.echo(f"serving the dashboard of namespace {get_config(app).namespace} on"
+               f" http://{address}:{port}/" + (" (actions allowed)" if allow_actions else ""))
+    try:
+        serve(app, port=port, address=address, allow_actions=allow_actions,
+              basic_auth=basic_auth, interval=interval)
     except CkeysError as exc:
         _fail(exc)
 
@@ -180,7 +197,7 @@ def explain_cmd(ctx: click.Context, task_id: str, as_json: bool) -> None:
     click.echo(f"{task_id}: {why.state}")
     click.echo(f"  {why.detail}")
     for h in why.holders:
-        click.echo(f"  holder {h.task_id} {h.task_name} for {_age(h.held_seconds)} on {h.worker}")
+        click.echo(f"  holder {h.task_id} {h.task_name} for {age_text(h.held_seconds)} on {h.worker}")
 
 
 @ckeys.command(cls=CeleryCommand)
@@ -197,25 +214,14 @@ def release(ctx: click.Context, key: Optional[str], queue: Optional[str],
     The runs holding them keep executing; they are told their lease is lost when they
     next renew it. Use this to unstick slots whose holder you know is gone.
     """
-    store = _store(ctx)
-    names = store.names
+    app = _app(ctx)
+    if (key is None) == (queue is None):
+        raise click.UsageError("give either KEY or --queue QUEUE")
     try:
-        if (key is None) == (queue is None):
-            raise click.UsageError("give either KEY or --queue QUEUE")
-        if key is not None:
-            tags = [names.key(check_key(key))]
-        else:
-            assert queue is not None
-            check_queue_name(queue)
-            if partition_key is not None:
-                tags = [names.partition(queue, check_key(partition_key))]
-            else:
-                tags = [names.queue(queue), names.total(queue), *_partitions_of(store, queue)]
-        held = {t: store.holders_of(t) for t in tags}
+        owners = release_api.held(app, key, queue=queue, partition_key=partition_key)
     except CkeysError as exc:
         _fail(exc)
         return
-    owners = [(t, o) for t, os_ in held.items() for o in os_]
     if not owners:
         if as_json:
             click.echo(json.dumps({"released": []}))
@@ -225,21 +231,12 @@ def release(ctx: click.Context, key: Optional[str], queue: Optional[str],
     if not yes:
         listing = "\n".join(f"  {_label(t)}: {o}" for t, o in owners)
         click.confirm(f"Force-release {len(owners)} slot(s)?\n{listing}\n", abort=True)
-    released = []
-    for t, owner in owners:
-        slot = slot_for_tag(store.config, names, t)
-        if slot is not None and store.release_lost([slot], owner, owner_prefix(owner)):
-            released.append({"slot": slot.label, "task_id": owner})
+    released = release_api.force_release(app, owners)
     if as_json:
         click.echo(json.dumps({"released": released}))
     else:
         for item in released:
             click.echo(f"released {item['slot']} held by {item['task_id']}")
-
-
-def _partitions_of(store: Store, queue: str) -> list[str]:
-    return sorted(t for t in store.scan_tags(f"p|{enc(queue)}|*")
-                  if (parsed := parse_tag(t)) is not None and parsed.kind == "partition")
 
 
 def _label(tag: str) -> str:

@@ -100,6 +100,18 @@ class SlotStatus:
         return data
 
 
+def age_text(seconds: Optional[float]) -> str:
+    """``42s``, ``1m30s``, ``2h05m`` (``-`` for none): how the CLI and dashboard show ages."""
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
 def declared_queues(app: Any) -> dict[str, ConcurrencyQueue]:
     """Queues declared in code (``concurrency_limit``, ``ConcurrencyQueue(...)`` on a task),
     by name; the first task that declares a queue with a limit or total decides."""
@@ -142,11 +154,15 @@ def collect(store: Store, *, declared: Optional[dict[str, ConcurrencyQueue]] = N
         if not busy and not (include_idle and parsed.kind == "queue"
                              and parsed.queue in recorded and CONF in tags[t]):
             continue
-        if tag is not None and not any(tag in h.tags for h in slot.holders) \
-                and not any(tag in d.tags for d in slot.deferred):
+        if tag is not None and not carries(slot, tag):
             continue
         result.append(slot)
     return result
+
+
+def carries(slot: SlotStatus, tag: str) -> bool:
+    """Whether a run holding or deferred on ``slot`` carries ``tag`` (``status(tag=...)``)."""
+    return any(tag in h.tags for h in slot.holders) or any(tag in d.tags for d in slot.deferred)
 
 
 def _paused(store: Store, tag: Tag, seen: dict[str, tuple[bool, set[str]]]) -> bool:
