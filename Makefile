@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint demo bench bench-quick chaos dist clean
+.PHONY: help venv test lint demo bench bench-quick chaos dist docs clean
 
 help:
 	@echo "make demo   - run the example project's scenarios on an embedded Redis"
@@ -17,12 +17,13 @@ help:
 	@echo "make bench-quick - the hot path's Redis cost, asserted (CI runs it)"
 	@echo "make chaos  - the long chaos run (CI runs a short one inside make test)"
 	@echo "make dist   - sdist and wheel in dist/, checked with twine"
+	@echo "make docs   - the MkDocs site in site/, built offline in strict mode"
 
 $(STAMP): pyproject.toml example_project/pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 9), "Python 3.9+ is required"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,embedded,metrics,lint]" -e ./example_project
+	$(BIN)/python -m pip install --quiet -e ".[test,embedded,metrics,dashboard,docs,lint]" -e ./example_project
 	$(BIN)/python -m celery_ckeys.embedded --fetch >/dev/null
 	@touch $(STAMP)
 
@@ -51,8 +52,11 @@ dist: $(STAMP)
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m build --outdir dist .  # no byte-compile warnings
 	$(BIN)/twine check --strict dist/*
 
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 chaos: $(STAMP)
 	$(BIN)/python -m pytest tests/test_chaos.py -m chaos --chaos-runs=10000 --timeout=1800 -s
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) site .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
