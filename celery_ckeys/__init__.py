@@ -1,7 +1,5 @@
 """celery_ckeys: concurrency keys and concurrency-limited queues for Celery.
 
-::
-
     from celery_ckeys import KeyedTask, ConcurrencyQueue, wait_for
 
     @app.task(base=KeyedTask)

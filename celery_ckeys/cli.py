@@ -1,7 +1,5 @@
 """``celery -A proj ckeys``: operate celery_ckeys from the command line.
 
-::
-
     celery -A proj ckeys status [--tag TAG] [--all] [--json | --watch SECONDS]
     celery -A proj ckeys exporter [--port 9808] [--address 127.0.0.1]
     celery -A proj ckeys dashboard [--port 5566] [--address 127.0.0.1] [--basic-auth U:P]

@@ -1,8 +1,8 @@
 """Redis Cluster: the protocol of docs/protocol.md, one hash tag per script call.
 
 A run's slots (its partition, its queue's conf, the environment) live on different hash
-tags, and a Lua script may only touch keys of one. :class:`ClusterStore` keeps every
-per-slot rule of :class:`~celery_ckeys.store.Store` and changes only the steps
+tags, and a Lua script may only touch keys of one. ``ClusterStore`` keeps every
+per-slot rule of ``celery_ckeys.store.Store`` and changes only the steps
 (protocol.md section 9):
 
 * queue limits are read (and trigger-time limits recorded) on each queue's conf tag first,

@@ -153,7 +153,7 @@ def _redis_url(conf: Mapping[str, Any]) -> str:
 
 
 def from_conf(conf: Mapping[str, Any], *, default_namespace: str) -> CkeysConfig:
-    """Validate every ``ckeys_*`` setting; raise :class:`ConfigurationError` naming the bad one."""
+    """Validate every ``ckeys_*`` setting; raise ``ConfigurationError`` naming the bad one."""
     namespace = _get(conf, "ckeys_namespace")
     if namespace is _UNSET or namespace is None:
         namespace = default_namespace

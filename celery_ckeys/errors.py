@@ -1,4 +1,4 @@
-"""One exception tree: everything celery_ckeys raises is a :class:`CkeysError`."""
+"""One exception tree: everything celery_ckeys raises is a ``CkeysError``."""
 
 from __future__ import annotations
 

@@ -1,17 +1,17 @@
 """``celery ckeys exporter``: per-slot gauges for Prometheus, read from Redis alone.
 
-The workers' own metrics (``ckeys_metrics = True``, :mod:`celery_ckeys.metrics`) count what
+The workers' own metrics (``ckeys_metrics = True``, ``celery_ckeys.metrics``) count what
 happens in each process; these gauges say what *is*, per queue, partition, total, key and
 the environment, from one process that reads the coordination Redis like ``celery ckeys
 status``: no metrics need to run in the workers. ``pip install 'celery-ckeys[metrics]'``.
 
-``ckeys_slot_running{kind,queue,key,slot}``          runs holding a unit of the slot
-``ckeys_slot_limit{...}``                            its limit now (0 while paused)
-``ckeys_slot_paused{...}``                           1 while paused
-``ckeys_slot_parked{...}``                           runs waiting in its line (handoff)
-``ckeys_slot_deferred{...}``                         runs deferred by the countdown on it
-``ckeys_slot_waiting{...}``                          runs blocked in (or resuming from) wait_for
-``ckeys_slot_oldest_wait_seconds{...}``              the longest a waiting run has waited
+- ``ckeys_slot_running{kind,queue,key,slot}``: runs holding a unit of the slot
+- ``ckeys_slot_limit{...}``: its limit now (0 while paused or throttled)
+- ``ckeys_slot_paused{...}``: 1 while paused
+- ``ckeys_slot_parked{...}``: runs waiting in its line (handoff)
+- ``ckeys_slot_deferred{...}``: runs deferred by the countdown on it
+- ``ckeys_slot_waiting{...}``: runs blocked in (or resuming from) wait_for
+- ``ckeys_slot_oldest_wait_seconds{...}``: the longest a waiting run has waited
 
 A partition's key is a label: with very many tenants, scrape less often or drop the label
 with a relabelling rule. docs/grafana/celery-ckeys.json is a dashboard over these and the

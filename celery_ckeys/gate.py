@@ -1,10 +1,10 @@
 """The worker-side gate: take the run's units right before its body, give them back after.
 
-Flow of one run (``KeyedTask.__call__`` calls :func:`run`; docs/protocol.md):
+Flow of one run (``KeyedTask.__call__`` calls ``run``; docs/protocol.md):
 
-1. Read what the run asked for from its headers (:func:`run_spec`). A header that no
-   celery_ckeys producer would send fails the run with :class:`MalformedHeader`.
-2. :func:`admit` decides in one ``acquire.lua`` call: admitted, blocked or a copy to drop.
+1. Read what the run asked for from its headers (``run_spec``). A header that no
+   celery_ckeys producer would send fails the run with ``MalformedHeader``.
+2. ``admit`` decides in one ``acquire.lua`` call: admitted, blocked or a copy to drop.
    A blocked run is *deferred*: parked in a line in Redis (handoff) or published again
    after the countdown, with its task id, arguments, headers and routing and
    ``request.retries`` untouched; this delivery ends with ``Ignore``.
@@ -12,7 +12,7 @@ Flow of one run (``KeyedTask.__call__`` calls :func:`run`; docs/protocol.md):
 4. ``finally`` releases, in the process that acquired only: success, exception,
    ``self.retry()``, ``Reject``, ``Ignore`` and soft time limits pass through it. When the
    pool process dies instead (SIGKILL, hard time limit, revoke with terminate), the
-   worker's main process releases once the process is gone (:func:`release_lost`).
+   worker's main process releases once the process is gone (``release_lost``).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def headers_of(request: Any) -> dict[str, Any]:
 
 
 def run_spec(task: Any, headers: dict[str, Any], args: Any, kwargs: Any) -> RunSpec:
-    """What the run asks for; raises :class:`MalformedHeader` for headers no producer of ours sends."""
+    """What the run asks for; raises ``MalformedHeader`` for headers no producer of ours sends."""
     key: Optional[str] = None
     if HEADER_KEY in headers and headers[HEADER_KEY] is not None:
         try:

@@ -7,7 +7,7 @@ solo. All renewals of a tick go out in one pipelined round trip.
 
 A release that failed because Redis was briefly unreachable is handed to the same
 thread, which retries it until Redis answers or the lease would have run out, so the
-unit comes free as soon as possible. :func:`flush` drains what is pending; a pool
+unit comes free as soon as possible. ``flush`` drains what is pending; a pool
 process calls it before it exits. A process forked from one that holds units (a task
 body that calls ``os.fork()``) starts with nothing: it never renews or releases its
 parent's units.

@@ -1,7 +1,5 @@
 """Introspection from Python: what holds, waits and is deferred, per queue, partition and key.
 
-::
-
     from celery_ckeys.introspect import status, explain
 
     for slot in status(app):

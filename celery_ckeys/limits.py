@@ -82,7 +82,7 @@ def clear_weight(app: Any, queue: str, key: str) -> None:
 
 def pause(app: Any, queue: str, *, key: Optional[str] = None) -> None:
     """Pause ``queue`` (with ``key``: that key's partition alone): nothing new of it starts,
-    on any worker, until :func:`resume`; running runs finish, waiting runs keep their
+    on any worker, until ``resume``; running runs finish, waiting runs keep their
     places. Kept in Redis, so it outlives worker restarts."""
     check_queue_name(queue)
     if key is None:
@@ -92,7 +92,7 @@ def pause(app: Any, queue: str, *, key: Optional[str] = None) -> None:
 
 
 def resume(app: Any, queue: str, *, key: Optional[str] = None) -> None:
-    """Undo :func:`pause`; the runs waiting in the queue's lines are woken now, in order."""
+    """Undo ``pause``; the runs waiting in the queue's lines are woken now, in order."""
     check_queue_name(queue)
     store = _store(app)
     if key is None:

@@ -6,15 +6,15 @@ records the metrics below. Under the prefork pool, run the workers with
 from one process with a ``MultiProcessCollector``; with threads or solo, the default
 registry works and ``prometheus_client.start_http_server`` exposes it.
 
-``ckeys_acquisitions_total{task}``             runs that took their slots
-``ckeys_deferrals_total{task,reason}``         runs deferred (``busy``, ``rate``, ``paused``,
-                                               ``unavailable``)
-``ckeys_releases_total{reason}``               runs that gave their slots back
-``ckeys_policy_decisions_total{task,decision}`` conflict policies applied (``skipped``,
-                                               ``cancelled``, ``replaced``)
-``ckeys_admission_wait_seconds{task}``         from a run's first deferral to taking its slots
-``ckeys_wait_for_seconds{task,outcome}``       time runs spent blocked in ``wait_for``
-``ckeys_slots_held``                           slots held right now by this process's runs
+- ``ckeys_acquisitions_total{task}``: runs that took their slots
+- ``ckeys_deferrals_total{task,reason}``: runs deferred (``busy``, ``rate``, ``paused``,
+  ``unavailable``)
+- ``ckeys_releases_total{reason}``: runs that gave their slots back
+- ``ckeys_policy_decisions_total{task,decision}``: conflict policies applied (``skipped``,
+  ``cancelled``, ``replaced``)
+- ``ckeys_admission_wait_seconds{task}``: from a run's first deferral to taking its slots
+- ``ckeys_wait_for_seconds{task,outcome}``: time runs spent blocked in ``wait_for``
+- ``ckeys_slots_held``: slots held right now by this process's runs
 
 The gate calls these functions directly rather than through celery_ckeys's signals, so
 that recording metrics never makes a run fetch what only a signal receiver needs (its

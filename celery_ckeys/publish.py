@@ -114,7 +114,7 @@ def prepare(options: dict[str, Any], *, task: Any = None,
             kwargs: Optional[Mapping[str, Any]] = None) -> None:
     """Validate the ckeys options of one publish and move them into ``options["headers"]``.
 
-    Raises :class:`~celery_ckeys.InvalidConcurrencyKey` or another ``ValueError`` before
+    Raises ``celery_ckeys.InvalidConcurrencyKey`` or another ``ValueError`` before
     anything is published.
     """
     has_options = any(name in options for name in HEADER_FOR_OPTION)

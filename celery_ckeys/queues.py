@@ -91,7 +91,7 @@ _FIELDS = {"name", "limit", "total_limit", "weights", "rate"}
 
 
 def coerce_queue(value: Any) -> ConcurrencyQueue:
-    """Accept a :class:`ConcurrencyQueue`, a queue name, or ``{"name": ..., "limit": ...,
+    """Accept a ``ConcurrencyQueue``, a queue name, or ``{"name": ..., "limit": ...,
     "total_limit": ..., "weights": ...}``."""
     if isinstance(value, ConcurrencyQueue):
         return value

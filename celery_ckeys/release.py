@@ -1,8 +1,6 @@
 """Force-release from Python: what ``celery ckeys release`` (and the dashboard's release
 action) does.
 
-::
-
     from celery_ckeys.release import held, force_release
 
     owners = held(app, queue="reports", key="acme")   # [(slot tag, task id), ...]

@@ -1,6 +1,6 @@
-"""What a run must hold, as plain values: a :class:`Slot` and its :class:`LimitSpec`.
+"""What a run must hold, as plain values: a ``Slot`` and its ``LimitSpec``.
 
-The queue-limit rule lives here once (:meth:`LimitSpec.resolve`) and once in Lua
+The queue-limit rule lives here once (``LimitSpec.resolve``) and once in Lua
 (``resolve_limit`` in ``lua/core.lua``, which admission uses atomically); a property test
 keeps the two equal. Nothing here talks to Redis.
 """
@@ -64,7 +64,7 @@ class LimitSpec:
                 paused: bool = False) -> tuple[Optional[int], bool]:
         """``(limit, fell_back)``: the limit (``None``: unlimited), and whether ``unlimited_as``
         applied. ``recorded`` is the queue's recorded limit (ignored when ``trigger`` is set),
-        ``override`` the one recorded for :attr:`key` (ignored without a key);
+        ``override`` the one recorded for ``key`` (ignored without a key);
         ``remembered*``: what the slot remembers, standing in for code when ``remembered``;
         ``paused``: the queue, or the partition, is paused (limit 0)."""
         if self.fixed is not None:
@@ -128,7 +128,7 @@ class Place:
     (its first deferral). ``weight`` is the one declared in code; a weight recorded in the
     queue's conf (``weight_conf``) goes first. ``kept``: it keeps a unit of an earlier slot
     (only ClusterStore, which parks slot by slot, says so; acquire.lua knows otherwise).
-    ``replace``: see :attr:`replace`."""
+    ``replace``: see ``replace``."""
 
     order_ms: int = 0
     priority: int = 0

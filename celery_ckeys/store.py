@@ -2,7 +2,7 @@
 
 One client per process and config (created again after ``fork()``), the Lua scripts
 (``lua/*.lua``, loaded with the parts of the library they use in front), and one method per protocol
-step of docs/protocol.md. :class:`~celery_ckeys.cluster.ClusterStore` runs the same steps
+step of docs/protocol.md. ``celery_ckeys.cluster.ClusterStore`` runs the same steps
 on Redis Cluster, where a script may only touch one hash tag.
 """
 
@@ -51,7 +51,7 @@ BARE = ("unlock", "give")
 #: Scripts loaded with core.lua alone (the key roles, the clock, the limit rule): they
 #: never touch a line, so lib.lua's helpers are not defined for them.
 CORE = ("take", "limit")
-#: The keys give.lua takes per slot, of :meth:`Store._keys`' layout.
+#: The keys give.lua takes per slot, of ``Store._keys``' layout.
 GIVE_ROLES = tuple(SLOT_ROLES.index(role) for role in (UNITS, INFO, LINE, MESSAGES, RESUME, WAITS))
 
 
@@ -64,7 +64,7 @@ _SOURCES: dict[str, str] = {}
 
 def script_source(name: str) -> str:
     """A script as Redis runs it: ``lua/core.lua``, ``lua/lib.lua``, then the script (a bare
-    one alone, a :data:`CORE` one after core.lua only)."""
+    one alone, a ``CORE`` one after core.lua only)."""
     if name not in _SOURCES:
         parts = [] if name in BARE else ["core"] if name in CORE else ["core", "lib"]
         _SOURCES[name] = "\n".join([_read_lua(part) for part in parts] + [_read_lua(name)])
@@ -257,7 +257,7 @@ class Store:
         return found
 
     def guarded(self, fn: Callable[[Any], Any]) -> Any:
-        """Run ``fn(client)``; a Redis failure becomes :class:`CoordinationUnavailable`."""
+        """Run ``fn(client)``; a Redis failure becomes ``CoordinationUnavailable``."""
         try:
             return fn(self.client)
         except REDIS_ERRORS as exc:
@@ -448,7 +448,7 @@ class Store:
     def _release_call(self, mode: str, slots: Sequence[Slot], who: str, token: str, ticket: str,
                       *, lite: bool = True) -> tuple[str, list[str], list[Any]]:
         """The script call that releases. A run's own end tries a bare script first:
-        ``unlock.lua`` on a simple slot (two keys of :meth:`_keys`' layout), ``give.lua`` on
+        ``unlock.lua`` on a simple slot (two keys of ``_keys``' layout), ``give.lua`` on
         full slots when it carries no ticket (six keys a slot); else ``release.lua``."""
         keys, specs, index_at = self._keys(slots, who)
         if lite and mode == "normal" and self._simple(specs):

@@ -51,22 +51,19 @@ class KeyedTask(Task):  # type: ignore[misc]
 
     Class options (pass them to ``@app.task``):
 
-    ``concurrency_key``
-        A default key: a ``str.format`` template over the task's arguments
-        (``"contact:{contact_id}"``) or a callable taking the task's arguments.
-        A key given when the run is triggered wins.
-    ``concurrency_limit``
-        At most this many runs of this task execute at once; the task gets its own
-        queue, named after the task.
-    ``concurrency_queue``
-        A :class:`ConcurrencyQueue` (or its name) shared with other tasks.
-    ``concurrency_priority``
-        The default priority of its runs in a line (int, -1000..1000, higher first; 0).
-        ``apply_async(concurrency_priority=N)`` and ``.set(concurrency_priority=N)`` win.
-    ``concurrency_policy``
-        What a run does when its own key, partition or queue is full: ``"wait"`` (the
-        default), ``"skip"``, ``"cancel_running"`` or ``"keep_latest"`` (README, "Conflict
-        policies"); ``apply_async(concurrency_policy=...)`` and ``.set(...)`` win.
+    - ``concurrency_key``: a default key, a ``str.format`` template over the task's
+      arguments (``"contact:{contact_id}"``) or a callable taking the task's arguments.
+      A key given when the run is triggered wins.
+    - ``concurrency_limit``: at most this many runs of this task execute at once; the task
+      gets its own queue, named after the task.
+    - ``concurrency_queue``: a ``ConcurrencyQueue`` (or its name) shared with other tasks.
+    - ``concurrency_priority``: the default priority of its runs in a line (int,
+      -1000..1000, higher first; 0). ``apply_async(concurrency_priority=N)`` and
+      ``.set(concurrency_priority=N)`` win.
+    - ``concurrency_policy``: what a run does when its own key, partition or queue is full:
+      ``"wait"`` (the default), ``"skip"``, ``"cancel_running"`` or ``"keep_latest"``
+      (README, "Conflict policies"); ``apply_async(concurrency_policy=...)`` and
+      ``.set(...)`` win.
     """
 
     abstract = True
@@ -142,7 +139,7 @@ class KeyedTask(Task):  # type: ignore[misc]
     def throttle(self, seconds: float) -> float:
         """Start no new run of this run's partition (or queue) for ``seconds``.
 
-        See :func:`celery_ckeys.throttle`.
+        See ``celery_ckeys.throttle``.
         """
         from .throttle import throttle
 
@@ -151,7 +148,7 @@ class KeyedTask(Task):  # type: ignore[misc]
     def wait_for(self, target: Any, timeout: Optional[float] = None) -> Any:
         """Wait for a child (a signature to publish, or an ``AsyncResult``) without holding slots.
 
-        See :func:`celery_ckeys.wait_for`.
+        See ``celery_ckeys.wait_for``.
         """
         from .waits import wait_for
 

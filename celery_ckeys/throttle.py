@@ -18,7 +18,7 @@ from .errors import CkeysError
 
 def throttle(seconds: float, *, task: Optional[Any] = None) -> float:
     """Throttle the current run's partition (or queue) for ``seconds``; returns until when
-    (server time, epoch seconds). Raises :class:`CkeysError` outside a keyed run on a
+    (server time, epoch seconds). Raises ``CkeysError`` outside a keyed run on a
     concurrency queue, and ``ValueError`` for a bad ``seconds``."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
         raise ValueError(f"throttle() needs a positive number of seconds, got {seconds!r}")

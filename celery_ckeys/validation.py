@@ -28,7 +28,7 @@ MAX_WEIGHT = 100
 
 
 def check_key(value: Any) -> str:
-    """Return ``value`` if it is a usable concurrency key, else raise :class:`InvalidConcurrencyKey`."""
+    """Return ``value`` if it is a usable concurrency key, else raise ``InvalidConcurrencyKey``."""
     if not isinstance(value, str):
         raise InvalidConcurrencyKey(
             f"concurrency_key must be a str, got {type(value).__name__}: {value!r}", key=value)
@@ -65,7 +65,7 @@ _RATE_UNITS = {"s": 1000, "m": 60_000, "h": 3_600_000}
 
 def check_rate(value: Any) -> str:
     """Celery's rate syntax (``"10/s"``, ``"100/m"``, ``"5/h"``; ``N`` alone is per second)
-    as ``"n/window_ms"``; anything else raises :class:`InvalidConcurrencyLimit`."""
+    as ``"n/window_ms"``; anything else raises ``InvalidConcurrencyLimit``."""
     found = re.fullmatch(r"\s*(\d+)\s*(?:/\s*([smh]))?\s*", value) if isinstance(value, str) else None
     if isinstance(value, int) and not isinstance(value, bool):
         found = re.fullmatch(r"(\d+)()", str(value))
@@ -80,7 +80,7 @@ POLICIES = ("wait", "skip", "cancel_running", "keep_latest")
 
 
 def check_policy(value: Any) -> str:
-    """Return ``value`` if it is one of :data:`POLICIES`."""
+    """Return ``value`` if it is one of ``POLICIES``."""
     if not isinstance(value, str) or value not in POLICIES:
         raise InvalidConcurrencyPolicy(
             f"concurrency_policy must be one of {', '.join(map(repr, POLICIES))},"

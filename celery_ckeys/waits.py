@@ -4,12 +4,12 @@
 
 1. checks for a recursive-wait deadlock: when the child would run on one of the caller's
    own queues, partitions or keys, the waiting ancestors already there plus the caller must
-   not exceed its limit (:class:`RecursiveWaitDeadlock`, raised before anything is published);
+   not exceed its limit (``RecursiveWaitDeadlock``, raised before anything is published);
 2. steps out of every unit it holds and is listed as waiting, with a wait token, in one
    call (``wait.lua enter``): the units are free for other runs, the child among them;
 3. publishes the child with the chain of waiting ancestors and who waits (its slots too);
 4. blocks until the child is ready, without Celery's "never call result.get() within a
-   task" guard (lifted for this call only), and fails with :class:`WaitStarvation` if every
+   task" guard (lifted for this call only), and fails with ``WaitStarvation`` if every
    worker process that could run the child is itself blocked waiting;
 5. takes its units back ahead of runs that have not started: the child tells it (``wait.lua
    ready``) when its body ends in a final state, before its result is stored, and from then

@@ -1,5 +1,5 @@
 """``python -m celery_ckeys.contrib.launch -A APP worker ...``: ``celery -A APP worker ...``
-for :class:`~celery_ckeys.contrib.testing.CeleryWorkers`.
+for ``celery_ckeys.contrib.testing.CeleryWorkers``.
 
 Before Celery's own command line takes over, it applies the settings in
 ``$CKEYS_TEST_SETTINGS`` (JSON) to the app and, with ``$CKEYS_TEST_RECORDER`` (JSON

@@ -3,24 +3,24 @@
 Registered through the ``pytest11`` entry point as ``ckeys`` (``-p no:ckeys`` turns it
 off). No fixture is autouse: a suite that asks for none of them sees no change.
 
-``ckeys_redis_url`` (session)
-    ``redis://127.0.0.1:PORT/0`` of a private redis-server on a free loopback port (the one
-    on PATH, else the embedded one), stopped after everything that uses it. With
-    ``CKEYS_TEST_REDIS_URL`` set, that server instead: never flushed, only the session's
-    namespace is deleted at the end.
-``ckeys_config`` (session)
-    Celery settings that coordinate there (``ckeys_redis_url``, a namespace unique to the
-    session, a short ``ckeys_retry_countdown``) and use it as broker and result backend;
-    merge it into pytest-celery's ``celery_config``.
-``ckeys_recorder`` (function)
-    Every keyed run that starts during the test, in this process and in ``ckeys_workers``:
-    ``peak(key=None, queue=None)``, ``runs(...)``, ``deferrals(...)``.
-``ckeys_workers`` (function)
-    ``ckeys_workers("proj.celery:app", count=2, pool="prefork", concurrency=2, **settings)``
-    starts real ``celery worker`` subprocesses, waits until they answer a ping, shows their
-    logs when the test fails and stops them at teardown (SIGTERM, then SIGKILL).
+- ``ckeys_redis_url`` (session):
+  ``redis://127.0.0.1:PORT/0`` of a private redis-server on a free loopback port (the one
+  on PATH, else the embedded one), stopped after everything that uses it. With
+  ``CKEYS_TEST_REDIS_URL`` set, that server instead: never flushed, only the session's
+  namespace is deleted at the end.
+- ``ckeys_config`` (session):
+  Celery settings that coordinate there (``ckeys_redis_url``, a namespace unique to the
+  session, a short ``ckeys_retry_countdown``) and use it as broker and result backend;
+  merge it into pytest-celery's ``celery_config``.
+- ``ckeys_recorder`` (function):
+  Every keyed run that starts during the test, in this process and in ``ckeys_workers``:
+  ``peak(key=None, queue=None)``, ``runs(...)``, ``deferrals(...)``.
+- ``ckeys_workers`` (function):
+  ``ckeys_workers("proj.celery:app", count=2, pool="prefork", concurrency=2, **settings)``
+  starts real ``celery worker`` subprocesses, waits until they answer a ping, shows their
+  logs when the test fails and stops them at teardown (SIGTERM, then SIGKILL).
 
-Also: ``ckeys_redis`` (session; the :class:`~celery_ckeys.contrib.testing.SessionRedis`
+Also: ``ckeys_redis`` (session; the ``celery_ckeys.contrib.testing.SessionRedis``
 behind the URL) and ``ckeys_redis_server_args`` (session; extra redis-server arguments,
 override it to change them).
 """

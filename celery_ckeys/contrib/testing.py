@@ -1,18 +1,18 @@
 """What the ``ckeys`` pytest plugin is built on; usable without pytest.
 
-* :class:`SessionRedis`: a private redis-server on a free loopback port (or the server named
+* ``SessionRedis``: a private redis-server on a free loopback port (or the server named
   by ``CKEYS_TEST_REDIS_URL``, used in a namespace of its own and never flushed), and the
-  Celery settings that coordinate there (:meth:`SessionRedis.settings`).
+  Celery settings that coordinate there (``SessionRedis.settings``).
 * The recorder: every keyed run, in this process and in workers started by
-  :class:`CeleryWorkers`, appends its start, end and deferrals to one list in that Redis, in
-  the order they happened; :class:`Recorder` reads it back (``peak``, ``runs``,
+  ``CeleryWorkers``, appends its start, end and deferrals to one list in that Redis, in
+  the order they happened; ``Recorder`` reads it back (``peak``, ``runs``,
   ``deferrals``).
-* :class:`CeleryWorkers`: real ``celery worker`` subprocesses, started through
+* ``CeleryWorkers``: real ``celery worker`` subprocesses, started through
   ``python -m celery_ckeys.contrib.launch``, which applies the settings and installs the
   recorder before handing over to Celery's own command line.
-* :func:`wait_until`: poll a condition with a deadline instead of sleeping.
+* ``wait_until``: poll a condition with a deadline instead of sleeping.
 
-A coordinated run (a :class:`~celery_ckeys.KeyedTask` run that went through the gate) is
+A coordinated run (a ``celery_ckeys.KeyedTask`` run that went through the gate) is
 recorded from the moment it took its slots to the moment before it gives them back, so two
 recorded windows of one key overlap only when coordination failed. Any other run that
 carries a key or a queue (a task without ``base=KeyedTask``, an eager run) is recorded from
@@ -56,7 +56,7 @@ __all__ = [
 
 #: Set it to ``redis://host:port/N`` to use that server instead of a private one.
 ENV_REDIS_URL = "CKEYS_TEST_REDIS_URL"
-#: How :class:`CeleryWorkers` passes the settings and the recorder to the launcher.
+#: How ``CeleryWorkers`` passes the settings and the recorder to the launcher.
 ENV_SETTINGS = "CKEYS_TEST_SETTINGS"
 ENV_RECORDER = "CKEYS_TEST_RECORDER"
 
@@ -101,7 +101,7 @@ class SessionRedis:
 
     def settings(self) -> dict[str, Any]:
         """Celery settings that coordinate in this Redis (and use it as broker and result
-        backend, under :attr:`prefix`)."""
+        backend, under ``prefix``)."""
         keyprefix = {"global_keyprefix": self.prefix}
         return {
             "broker_url": self.url,
@@ -361,7 +361,7 @@ def _matches(item: Mapping[str, Any], key: Optional[str], queue: Optional[str]) 
 
 
 class Recorder:
-    """Keyed runs recorded since it was made (or last :meth:`clear`-ed)."""
+    """Keyed runs recorded since it was made (or last ``clear``-ed)."""
 
     def __init__(self, url: str, key: str) -> None:
         self.client = redis.Redis.from_url(url)
@@ -469,8 +469,8 @@ class CeleryWorkers:
     """A group of ``celery -A APP worker`` subprocesses.
 
     ``settings`` (JSON-able) are applied to the app before the worker starts; ``recorder``
-    (``(url, key)``) makes the workers record their keyed runs. Call :meth:`start`; it
-    returns once every worker answered a ping. :meth:`stop` sends SIGTERM (a warm shutdown:
+    (``(url, key)``) makes the workers record their keyed runs. Call ``start``; it
+    returns once every worker answered a ping. ``stop`` sends SIGTERM (a warm shutdown:
     running tasks finish) and SIGKILLs what is left after ``timeout``.
     """
 

@@ -1,7 +1,7 @@
 """What the dashboard shows: one read of Redis (``introspect.status`` and the queues'
 limits) every few seconds, shared by every browser, and the last minutes of it for the
-charts. Nothing here talks to Redis but through :mod:`celery_ckeys.introspect` and
-:mod:`celery_ckeys.limits`, as the CLI does."""
+charts. Nothing here talks to Redis but through ``celery_ckeys.introspect`` and
+``celery_ckeys.limits``, as the CLI does."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def take(app: Any) -> Snapshot:
 
 class Sampler:
     """Takes a snapshot every ``interval`` seconds in a daemon thread, and keeps the running
-    and waiting counts per queue for the last :data:`HISTORY_SECONDS`."""
+    and waiting counts per queue for the last ``HISTORY_SECONDS``."""
 
     def __init__(self, app: Any, interval: float = 2.0) -> None:
         self.app = app
