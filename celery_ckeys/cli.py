@@ -112,6 +112,9 @@ def _print_status(ctx: click.Context, tag: Optional[str], show_all: bool,
                      str(len(s.waiting)), str(len(s.deferred)), str(len(s.parked)),
                      age_text(s.oldest_wait_seconds)])
     click.echo(_table(rows))
+    for s in slots:
+        if s.error:
+            click.echo(f"{s.label}: {s.error}")
     holders = [(s, h) for s in slots for h in s.holders]
     if holders:
         click.echo("")
@@ -158,9 +161,12 @@ def exporter(ctx: click.Context, port: int, address: str) -> None:
               help="offer release, pause, resume and set limit (each confirmed and logged)")
 @click.option("--interval", type=float, default=2.0, show_default=True,
               help="seconds between two reads of Redis")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="without --basic-auth, a host name besides loopback the page may be"
+                   " called by (repeatable)")
 @click.pass_context
 def dashboard(ctx: click.Context, port: int, address: str, basic_auth: Optional[str],
-              allow_actions: bool, interval: float) -> None:
+              allow_actions: bool, interval: float, allowed_hosts: tuple[str, ...]) -> None:
     """Serve a live web page of every queue, partition and key (reads Redis)."""
     from .dashboard import serve
 
@@ -169,7 +175,7 @@ def dashboard(ctx: click.Context, port: int, address: str, basic_auth: Optional[
                f" http://{address}:{port}/" + (" (actions allowed)" if allow_actions else ""))
     try:
         serve(app, port=port, address=address, allow_actions=allow_actions,
-              basic_auth=basic_auth, interval=interval)
+              basic_auth=basic_auth, interval=interval, allowed_hosts=allowed_hosts)
     except CkeysError as exc:
         _fail(exc)
 

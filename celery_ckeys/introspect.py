@@ -81,6 +81,8 @@ class SlotStatus:
     deferred: list[Deferred] = field(default_factory=list)
     waiting: list[Waiting] = field(default_factory=list)
     parked: list[Parked] = field(default_factory=list)
+    #: set when the slot's records in Redis could not be read (what was read is shown)
+    error: Optional[str] = None
 
     @property
     def deferred_count(self) -> int:
@@ -143,11 +145,18 @@ def collect(store: Store, *, declared: Optional[dict[str, ConcurrencyQueue]] = N
         parsed = parse_tag(t)
         if parsed is None or parsed.kind not in ("env", "key", "queue", "partition", "total"):
             continue
-        state = store.read_slot(t)
         slot = SlotStatus(kind=parsed.kind, label=parsed.label, queue=parsed.queue, key=parsed.key,
-                          limit=_limit_for(store, parsed, t, declared),
-                          paused=_paused(store, parsed, pauses))
-        _fill(store, slot, state)
+                          limit=None)
+        try:
+            state = store.read_slot(t)
+            slot.limit = _limit_for(store, parsed, t, declared)
+            slot.paused = _paused(store, parsed, pauses)
+            _fill(store, slot, state)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            # one record no celery_ckeys wrote must not hide every other slot
+            slot.error = f"unreadable: {type(exc).__name__}: {exc}"
+            result.append(slot)
+            continue
         busy = slot.holders or slot.deferred or slot.waiting or slot.parked or slot.paused
         if not busy and not (include_idle and parsed.kind == "queue"
                              and parsed.queue in recorded and CONF in tags[t]):

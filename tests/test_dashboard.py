@@ -25,9 +25,10 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from celery_ckeys import limits
-from celery_ckeys.dashboard import check_address, check_basic_auth
+from celery_ckeys.dashboard.guard import check_address, check_basic_auth, check_interval, where
 from celery_ckeys.errors import ConfigurationError
 from celery_ckeys.introspect import explain
+from celery_ckeys.naming import Names
 
 USER, PASSWORD = "admin", "dash-Pa55word"
 REDIS_PASSWORD = "redis-S3cret"
@@ -69,12 +70,12 @@ def dashboard(env: Env, *args: str, redis_url: Optional[str] = None) -> Iterator
             print(out)
 
 
-def get(url: str, *, auth: Optional[str] = None, data: Optional[dict[str, Any]] = None,
+def get(url: str, *, auth: Optional[str] = None, data: Optional[Any] = None,
         headers: Optional[dict[str, str]] = None) -> Any:
     request = urllib.request.Request(url, headers={**({"Authorization": auth} if auth else {}),
                                                    **(headers or {})})
     if data is not None:
-        request.data = json.dumps(data).encode()
+        request.data = (data if isinstance(data, str) else json.dumps(data)).encode()
         request.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(request, timeout=10) as response:
         body = response.read().decode()
@@ -101,6 +102,21 @@ def test_bad_options_are_refused_before_anything_is_served() -> None:
     with pytest.raises(ConfigurationError, match="not loopback: give --basic-auth"):
         check_address("0.0.0.0", None)
     check_address("0.0.0.0", ("u", "p"))
+    for bad in (float("nan"), float("inf"), 0.0, -1.0, 1e9):
+        with pytest.raises(ConfigurationError, match="--interval"):
+            check_interval(bad)
+    assert check_interval(0.5) == 0.5
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://u:pw@h:1/0", "redis://h:1/0"),
+    ("redis://u2:x@Leak3d@h:1/0", "redis://h:1/0"),
+    ("redis://h:1/0?password=S3cret", "redis://h:1/0"),
+    ("rediss://:pw@h/2", "rediss://h/2"),
+    ("sentinel://:a@h:1;sentinel://:b@h:2/0?password=c", "sentinel://:***@h:1;sentinel://:***@h:2/0"),
+])
+def test_the_page_names_where_redis_is_and_nothing_else(url: str, shown: str) -> None:
+    assert where(url) == shown
 
 
 def test_the_cli_refuses_a_public_address_without_credentials(env: Env) -> None:
@@ -142,6 +158,12 @@ def test_the_api_needs_credentials_and_actions_need_the_flag(env: Env) -> None:
     try:
         with dashboard(env, "--basic-auth", f"{USER}:{PASSWORD}") as url:
             assert status_code(url) == 401
+            assert status_code(url, auth="Basic \xc3\xa9") == 401  # not base64: refused
+            with urllib.request.urlopen(urllib.request.Request(
+                    url, headers={"Authorization": AUTH}), timeout=10) as response:
+                headers = response.headers
+            assert headers["X-Frame-Options"] == "DENY"
+            assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
             assert status_code(url, auth="Basic " + base64.b64encode(b"admin:wrong").decode()) \
                 == 401
             got = wait_until(lambda: (s := get(url + "api/status", auth=AUTH))["queues"] and s,
@@ -150,6 +172,14 @@ def test_the_api_needs_credentials_and_actions_need_the_flag(env: Env) -> None:
             assert queue["running"] == 2 and queue["waiting"] == 1 and queue["limit"] == 1
             narrowed = get(url + "api/status?tag=team-b", auth=AUTH)
             assert [s["label"] for s in narrowed["slots"]] == ["queue dq [bob]"]
+            # a record no celery_ckeys wrote spoils its own slot, not the page
+            env.redis.hset(Names.redis_key(env.names.queue("badq"), "f"), "x",
+                           '{"at": "not-a-number"}')
+            spoiled = wait_until(lambda: next((s for s in get(url + "api/status", auth=AUTH)[
+                "slots"] if s["label"] == "queue badq"), None), timeout=30,
+                message="the spoiled slot is listed")
+            assert spoiled["error"].startswith("unreadable: ValueError")
+            assert any(q["name"] == "dq" for q in get(url + "api/status", auth=AUTH)["queues"])
             why = get(url + f"api/explain?task_id={waiter.id}", auth=AUTH)
             assert why["state"] == "parked" and "position 1" in why["detail"]
             assert status_code(url + "api/actions/pause", auth=AUTH, data={"queue": "dq"},
@@ -166,7 +196,24 @@ def test_the_api_needs_credentials_and_actions_need_the_flag(env: Env) -> None:
                                headers={"X-Ckeys-Action": "1"}) == 400
             assert status_code(url + "api/actions/drop", data={"queue": "dq"},
                                headers={"X-Ckeys-Action": "1"}) == 404
+            for bad_limit in ("\u0663", "1_0", " ", "1e3", 1.5, True, [1]):
+                assert status_code(url + "api/actions/limit", data={"queue": "dq",
+                                   "limit": bad_limit}, headers={"X-Ckeys-Action": "1"}) == 400
             assert limits.get_limits(app, "dq")["recorded"] == recorded == 1
+            assert limits.paused(app, "dq") == {"queue": False, "keys": []}
+            # an action from another site's page: refused however it is sent
+            for foreign in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+                assert status_code(url + "api/actions/pause", data={"queue": "dq"},
+                                   headers={"X-Ckeys-Action": "1", **foreign}) == 403
+            # a name rebound to 127.0.0.1 by another site gets nothing
+            assert status_code(url + "api/status", headers={"Host": "rebind.evil.example"}) \
+                == 400
+            # releasing a run that holds nothing there says so, and changes nothing
+            assert status_code(url + "api/actions/release", data={"queue": "dq",
+                               "kind": "partition", "task_id": waiter.id},
+                               headers={"X-Ckeys-Action": "1"}) == 409
+            assert status_code(url + "api/actions/pause", data=_deep(5000),
+                               headers={"X-Ckeys-Action": "1"}) == 400
             assert limits.paused(app, "dq") == {"queue": False, "keys": []}
             done = get(url + "api/actions/pause", data={"queue": "dq"},
                        headers={"X-Ckeys-Action": "1"})
@@ -181,6 +228,11 @@ def test_the_api_needs_credentials_and_actions_need_the_flag(env: Env) -> None:
             assert limits.get_limits(app, "dq")["recorded"] is None
     finally:
         finish(env, app, holders, waiter)
+
+
+def _deep(depth: int) -> str:
+    """A JSON object nested ``depth`` deep (too deep for the server's parser)."""
+    return '{"queue": ' * depth + "{}" + "}" * depth
 
 
 def chromium() -> Any:
@@ -258,7 +310,7 @@ def test_the_page_in_a_real_browser(env: Env, tmp_path: Path) -> None:
             # no password in the page source: neither the dashboard's nor Redis's
             source = browser.page_source
             assert PASSWORD not in source and REDIS_PASSWORD not in source
-            assert "dash:***@" in source
+            assert f"on {where(coordination)}" in source and "dash:" not in source
             # an action asks first, then acts
             click('tr.queue[data-queue="dq"] button[data-action="pause"]')
             wait_until(lambda: _alert(browser), timeout=10, message="pause asks for confirmation")

@@ -115,6 +115,10 @@ def test_exception_messages_never_carry_the_password(acl_server: RedisServer) ->
     ("rediss://:pw@host", "rediss://:***@host"),
     ("sentinel://:a@h:1;sentinel://:b@h:2", "sentinel://:***@h:1;sentinel://:***@h:2"),
     ("redis://host:1/0", "redis://host:1/0"),
+    # the password runs to the authority's last "@", as urllib and redis-py read it
+    ("redis://u2:x@Leak3d@h:1/0", "redis://u2:***@h:1/0"),
+    ("redis://h:1/0?password=S3cret&db=2", "redis://h:1/0?password=***&db=2"),
+    ("rediss://h/0?ssl_cert_reqs=none&Password=S3cret", "rediss://h/0?ssl_cert_reqs=none&Password=***"),
 ])
 def test_redaction(text: str, expected: str) -> None:
     assert redact(text) == expected

@@ -12,20 +12,27 @@ Routes: ``/`` (the page), ``/live`` (the part the page refreshes), ``/api/status
 
 from __future__ import annotations
 
-import base64
-import binascii
-import ipaddress
 import logging
-import secrets
+import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Optional
 
 from ..config import get_config
 from ..errors import CkeysError, ConfigurationError
 from ..redaction import redact
+from .guard import (
+    LOOPBACK_HOSTS,
+    check_address,
+    check_basic_auth,
+    check_interval,
+    same_origin,
+    where,
+    with_basic_auth,
+    with_headers,
+)
 from .snapshot import HISTORY_SECONDS, Sampler, charts
 
 log = logging.getLogger("celery_ckeys.dashboard")
@@ -36,49 +43,18 @@ ACTION_HEADER = "x-ckeys-action"
 ACTIONS = ("release", "pause", "resume", "limit")
 
 
-def check_basic_auth(value: Optional[str]) -> Optional[tuple[str, str]]:
-    """``"user:password"`` as ``(user, password)``; a clear error for anything else."""
-    if value is None:
-        return None
-    user, sep, password = value.partition(":")
-    if not sep or not user or not password:
-        raise ConfigurationError("--basic-auth takes user:password, both non-empty",
-                                 setting="basic_auth")
-    return user, password
-
-
-def check_address(address: str, basic_auth: Optional[tuple[str, str]]) -> None:
-    """Loopback needs nothing; any other address needs ``--basic-auth``."""
-    try:
-        loopback = ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        loopback = address == "localhost"
-    if not loopback and basic_auth is None:
-        raise ConfigurationError(
-            f"the dashboard binds to {address!r}, which is not loopback: give --basic-auth"
-            " user:password (and put TLS in front of it)", setting="address")
-
-
-def _authorized(header: Optional[str], auth: tuple[str, str]) -> Optional[str]:
-    """The user name when the request's Basic credentials match, else None."""
-    scheme, _, encoded = (header or "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    ok = secrets.compare_digest(user.encode(), auth[0].encode()) & \
-        secrets.compare_digest(password.encode(), auth[1].encode())
-    return user if ok else None
-
-
 def create_app(celery_app: Any, *, allow_actions: bool = False,
-               basic_auth: Optional[tuple[str, str]] = None, interval: float = 2.0) -> Any:
-    """The ASGI application (Starlette) serving the dashboard of ``celery_app``."""
+               basic_auth: Optional[tuple[str, str]] = None, interval: float = 2.0,
+               allowed_hosts: tuple[str, ...] = ()) -> Any:
+    """The ASGI application (Starlette) serving the dashboard of ``celery_app``.
+
+    Without ``basic_auth`` it answers only requests addressed to a loopback name (or one of
+    ``allowed_hosts``), so a page of another site rebound to 127.0.0.1 gets nothing."""
     try:
         from starlette.applications import Starlette
         from starlette.concurrency import run_in_threadpool
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
         from starlette.requests import Request
         from starlette.responses import JSONResponse, Response
         from starlette.routing import Mount, Route
@@ -95,7 +71,7 @@ def create_app(celery_app: Any, *, allow_actions: bool = False,
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["age"] = introspect.age_text
     namespace = get_config(celery_app).namespace
-    redis_url = redact(get_config(celery_app).redis_url or "(the broker's Redis)")
+    redis_url = where(get_config(celery_app).redis_url)
 
     def context(request: Request) -> dict[str, Any]:
         snap = sampler.latest()
@@ -152,8 +128,11 @@ def create_app(celery_app: Any, *, allow_actions: bool = False,
             owners = release_api.held(celery_app, key)
         else:
             owners = release_api.held(celery_app, queue=queue)
-        return {"released": release_api.force_release(
-            celery_app, [(t, o) for t, o in owners if o == task_id])}
+        mine = [(t, o) for t, o in owners if o == task_id]
+        if not mine:
+            where_ = f"key {key}" if body.get("kind") == "key" else f"queue {queue}"
+            raise LookupError(f"{task_id} holds nothing on {where_} (any more)")
+        return {"released": release_api.force_release(celery_app, mine)}
 
     async def action(request: Request) -> Response:
         name = request.path_params["name"]
@@ -165,9 +144,13 @@ def create_app(celery_app: Any, *, allow_actions: bool = False,
         if request.headers.get(ACTION_HEADER) != "1":
             return JSONResponse({"error": f"missing the {ACTION_HEADER} header"},
                                 status_code=400)
+        if request.headers.get("sec-fetch-site", "same-origin") != "same-origin" or \
+                not same_origin(request.headers.get("origin"), request.headers.get("host")):
+            return JSONResponse({"error": "actions come from the dashboard's own page only"},
+                                status_code=403)
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             return JSONResponse({"error": "the body is not JSON"}, status_code=400)
         if not isinstance(body, dict):
             return JSONResponse({"error": "the body is not a JSON object"}, status_code=400)
@@ -175,10 +158,15 @@ def create_app(celery_app: Any, *, allow_actions: bool = False,
         client = request.client.host if request.client else "-"
         try:
             done = await run_in_threadpool(act, name, body)
-        except (CkeysError, ValueError) as exc:
+        except (CkeysError, ValueError, TypeError, LookupError) as exc:
             log.warning("dashboard action %s %s by %s from %s refused: %s",
                         name, body, who, client, exc)
-            return JSONResponse({"error": str(exc)}, status_code=400)
+            return JSONResponse({"error": redact(str(exc))},
+                                status_code=409 if isinstance(exc, LookupError) else 400)
+        except Exception as exc:  # Redis down...: the page says so, the log has it
+            log.exception("dashboard action %s %s by %s from %s failed", name, body, who, client)
+            return JSONResponse({"error": redact(f"{type(exc).__name__}: {exc}")},
+                                status_code=503)
         log.warning("dashboard action %s %s by %s from %s: %s", name, body, who, client, done)
         await run_in_threadpool(sampler.refresh)
         return JSONResponse(done)
@@ -196,49 +184,28 @@ def create_app(celery_app: Any, *, allow_actions: bool = False,
         Route("/api/explain", api_explain),
         Route("/api/actions/{name}", action, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
-    ], lifespan=lifespan)
-    if basic_auth is None:
-        return web
-    return _with_basic_auth(web, basic_auth)
+    ], lifespan=lifespan, middleware=[] if basic_auth is not None else [
+        Middleware(TrustedHostMiddleware, allowed_hosts=[*LOOPBACK_HOSTS, *allowed_hosts])])
+    return with_headers(web if basic_auth is None else with_basic_auth(web, basic_auth))
 
 
 def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"a limit is a whole number, not {value!r}")
-    return int(value)
-
-
-def _with_basic_auth(web: Any, auth: tuple[str, str]) -> Any:
-    """Every request, page or API, needs the credentials (checked in constant time)."""
-    from starlette.responses import PlainTextResponse
-
-    async def guarded(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
-                      send: Callable[[Any], Awaitable[None]]) -> None:
-        if scope["type"] == "http":
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            user = _authorized(headers.get("authorization"), auth)
-            if user is None:
-                refusal = PlainTextResponse(
-                    "authentication required", status_code=401,
-                    headers={"WWW-Authenticate": 'Basic realm="celery_ckeys", charset="UTF-8"'})
-                await refusal(scope, receive, send)
-                return
-            scope["ckeys_user"] = user
-        await web(scope, receive, send)
-    return guarded
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value.strip()):
+        return int(value)
+    raise ValueError(f"a limit is a whole number written in digits, not {value!r}")
 
 
 def serve(celery_app: Any, *, port: int = 5566, address: str = "127.0.0.1",
           allow_actions: bool = False, basic_auth: Optional[str] = None,
-          interval: float = 2.0) -> None:
+          interval: float = 2.0, allowed_hosts: tuple[str, ...] = ()) -> None:
     """Serve the dashboard with uvicorn until the process is stopped."""
     auth = check_basic_auth(basic_auth)
     check_address(address, auth)
-    if interval <= 0:
-        raise ConfigurationError("--interval is a positive number of seconds",
-                                 setting="interval")
     web = create_app(celery_app, allow_actions=allow_actions, basic_auth=auth,
-                     interval=interval)
+                     interval=check_interval(interval),
+                     allowed_hosts=(*allowed_hosts, address))
     import uvicorn
 
     uvicorn.run(web, host=address, port=port, log_level="warning")

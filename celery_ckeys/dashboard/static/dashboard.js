@@ -3,13 +3,26 @@
 (function () {
   "use strict";
   const body = document.body;
-  const interval = Math.max(0.5, parseFloat(body.dataset.interval || "2")) * 1000;
+  const given = parseFloat(body.dataset.interval);
+  const interval = (Number.isFinite(given) ? Math.max(0.1, given) : 2) * 1000;
   const live = document.getElementById("live");
   const tagInput = document.getElementById("tag");
 
+  let tag = tagInput.value.trim();  // the filter applied, not what is being typed
+
   function query() {
-    const tag = tagInput.value.trim();
     return tag ? "?tag=" + encodeURIComponent(tag) : "";
+  }
+
+  // When Redis was last read (the server's clock), not when the browser last asked.
+  function showTaken() {
+    const marker = document.getElementById("taken");
+    const taken = marker ? parseFloat(marker.dataset.taken) * 1000 : NaN;
+    const out = document.getElementById("updated");
+    if (!Number.isFinite(taken)) { out.textContent = ""; return; }
+    const stale = Date.now() - taken > 3 * interval + 5000;
+    out.textContent = (stale ? "STALE: " : "") + "read from Redis at " +
+      new Date(taken).toLocaleTimeString();
   }
 
   async function refresh() {
@@ -17,9 +30,8 @@
       const response = await fetch("live" + query(), { cache: "no-store" });
       if (response.ok) {
         live.innerHTML = await response.text();
-        document.getElementById("updated").textContent =
-          "updated " + new Date().toLocaleTimeString();
       }
+      showTaken();
     } catch (err) {
       document.getElementById("updated").textContent = "dashboard unreachable";
     }
@@ -27,6 +39,7 @@
 
   document.getElementById("tag-form").addEventListener("submit", function (event) {
     event.preventDefault();
+    tag = tagInput.value.trim();
     history.replaceState(null, "", location.pathname + query());
     refresh();
   });
@@ -67,11 +80,13 @@
       body: JSON.stringify(payload),
     });
     if (!response.ok) {
-      const failed = await response.json();
-      alert("Refused: " + (failed.error || response.status));
+      let reason = String(response.status);
+      try { reason = (await response.json()).error || reason; } catch (err) { /* not JSON */ }
+      alert("Refused: " + reason);
     }
     refresh();
   });
 
+  showTaken();
   setInterval(refresh, interval);
 })();
