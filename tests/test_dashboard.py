@@ -336,3 +336,19 @@ def _alert(browser: Any) -> bool:
     except NoAlertPresentException:
         return False
     return True
+
+
+def test_the_charts_stay_in_their_box_and_span_the_history_kept() -> None:
+    from celery_ckeys.dashboard.snapshot import HISTORY_SECONDS, Chart, charts
+
+    now = 10_000.0
+    history = [(now - 30 + i, {"q": (i % 4, 3 - i % 4)}) for i in range(31)]
+    (chart,) = charts(history, now, ["q"])
+    points = [tuple(map(float, p.split(","))) for p in chart.running.split()]
+    assert len(points) == 31 and chart.peak == 3
+    assert points[0][0] == 0.0 and points[-1][0] == Chart.width  # the first sample on the left
+    assert all(0 <= x <= Chart.width and 0 <= y <= Chart.height for x, y in points)
+    old = [(now - 2 * HISTORY_SECONDS, {"q": (5, 5)}), *history]
+    assert charts(old, now, ["q"])[0].peak == 3  # older than the window: not drawn
+    (idle,) = charts([], now, ["q"])
+    assert idle.running == "" and idle.peak == 1

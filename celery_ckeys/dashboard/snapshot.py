@@ -145,17 +145,20 @@ class Chart:
 
 
 def _points(series: list[tuple[float, tuple[int, int]]], index: int, now: float,
-            peak: int) -> str:
-    return " ".join(f"{Chart.width * (1 - (now - t) / HISTORY_SECONDS):.1f},"
+            span: float, peak: int) -> str:
+    return " ".join(f"{Chart.width * (1 - (now - t) / span):.1f},"
                     f"{Chart.height * (1 - counts[index] / peak):.1f}" for t, counts in series)
 
 
 def charts(history: list[tuple[float, dict[str, tuple[int, int]]]], now: float,
            queues: list[str]) -> list[Chart]:
+    """The x axis spans the history kept (up to :data:`HISTORY_SECONDS`), so a dashboard
+    started a minute ago fills its charts too."""
+    span = min(HISTORY_SECONDS, max(1.0, now - history[0][0])) if history else HISTORY_SECONDS
     found = []
     for queue in queues:
-        series = [(t, counts.get(queue, (0, 0))) for t, counts in history]
+        series = [(t, counts.get(queue, (0, 0))) for t, counts in history if now - t <= span]
         peak = max([1] + [max(counts) for _, counts in series])
-        found.append(Chart(queue=queue, running=_points(series, 0, now, peak),
-                           waiting=_points(series, 1, now, peak), peak=peak))
+        found.append(Chart(queue=queue, running=_points(series, 0, now, span, peak),
+                           waiting=_points(series, 1, now, span, peak), peak=peak))
     return found
