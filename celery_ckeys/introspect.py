@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from .admission import slot_for_tag
 from .config import get_config
+from .errors import describe
 from .naming import CONF, Tag, parse_tag
 from .publish import HEADER_FIRST_DEFERRED, HEADER_KEY, HEADER_PRIORITY
 from .queues import ConcurrencyQueue
@@ -154,7 +155,7 @@ def collect(store: Store, *, declared: Optional[dict[str, ConcurrencyQueue]] = N
             _fill(store, slot, state)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             # one record no celery_ckeys wrote must not hide every other slot
-            slot.error = f"unreadable: {type(exc).__name__}: {exc}"
+            slot.error = "unreadable: " + describe(exc)
             result.append(slot)
             continue
         busy = slot.holders or slot.deferred or slot.waiting or slot.parked or slot.paused

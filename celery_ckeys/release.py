@@ -15,15 +15,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .admission import slot_for_tag
+from .gate import store_of
 from .naming import enc, parse_tag
 from .store import Store, owner_prefix
 from .validation import check_key, check_queue_name
-
-
-def _store(app: Any) -> Store:
-    from .gate import store_of
-
-    return store_of(app)
 
 
 def held(app: Any, key: Optional[str] = None, *, queue: Optional[str] = None,
@@ -33,7 +28,7 @@ def held(app: Any, key: Optional[str] = None, *, queue: Optional[str] = None,
     partition alone). Give either ``key`` or ``queue``."""
     if (key is None) == (queue is None):
         raise ValueError("give either a concurrency key or a queue")
-    store = _store(app)
+    store = store_of(app)
     names = store.names
     if key is not None:
         tags = [names.key(check_key(key))]
@@ -49,7 +44,7 @@ def held(app: Any, key: Optional[str] = None, *, queue: Optional[str] = None,
 
 def force_release(app: Any, owners: list[tuple[str, str]]) -> list[dict[str, str]]:
     """Release each ``(slot tag, task id)`` as if its holder were lost; what was released."""
-    store = _store(app)
+    store = store_of(app)
     released = []
     for t, owner in owners:
         slot = slot_for_tag(store.config, store.names, t)

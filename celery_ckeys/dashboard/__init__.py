@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from ..config import get_config
-from ..errors import CkeysError, ConfigurationError
+from ..errors import CkeysError, ConfigurationError, describe
 from ..redaction import redact
 from .guard import (
     LOOPBACK_HOSTS,
@@ -165,7 +165,7 @@ def create_app(celery_app: Any, *, allow_actions: bool = False,
                                 status_code=409 if isinstance(exc, LookupError) else 400)
         except Exception as exc:  # Redis down...: the page says so, the log has it
             log.exception("dashboard action %s %s by %s from %s failed", name, body, who, client)
-            return JSONResponse({"error": redact(f"{type(exc).__name__}: {exc}")},
+            return JSONResponse({"error": describe(exc)},
                                 status_code=503)
         log.warning("dashboard action %s %s by %s from %s: %s", name, body, who, client, done)
         await run_in_threadpool(sampler.refresh)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from .. import limits
+from ..errors import describe
 from ..introspect import SlotStatus, carries, status
-from ..redaction import redact
 
 #: how far back the charts reach
 HISTORY_SECONDS = 600.0
@@ -80,7 +80,7 @@ def take(app: Any) -> Snapshot:
         slots = status(app, include_idle=True)
         return Snapshot(taken=now, slots=slots, queues=queue_views(app, slots))
     except Exception as exc:  # Redis down, a bad reply: say so, try again later
-        return Snapshot(taken=now, error=redact(f"{type(exc).__name__}: {exc}"))
+        return Snapshot(taken=now, error=describe(exc))
 
 
 class Sampler:
