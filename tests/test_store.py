@@ -717,6 +717,60 @@ def test_scripts_lost_in_a_restart_are_loaded_again(store: Store) -> None:
     assert store.release(s, "a", mine) == 1
 
 
+def test_the_hot_path_outlives_its_connection_being_killed(store: Store,
+                                                           redis_server: RedisServer) -> None:
+    """The hot path's own connection (store._Direct) dropped by the server: the next call
+    goes through the client (redis-py's retry) and the one after reconnects it; no answer
+    is lost or taken for another."""
+    import redis
+
+    admin = redis.Redis(port=redis_server.port)
+    for n in range(3):
+        s = slots(store, key=f"killed{n}")
+        ok, mine = take(store, s, "a")
+        assert ok
+        admin.client_kill_filter(_type="normal", skipme=True)  # every client but admin
+        assert not take(store, s, "b")[0], "a killed connection let a second owner in"
+        assert store.release(s, "a", mine) == 1
+        assert take(store, s, "b")[0], "the key was not free after its release"
+
+
+def test_threads_finding_the_hot_path_busy_go_through_the_client(store: Store) -> None:
+    """Threads share one direct connection; those that find it in use take the client's
+    pool instead. Every run is admitted once and freed."""
+    errors: list[BaseException] = []
+    client = store.client
+    through_client: list[Any] = []
+    plain = client.execute_command
+
+    def counted(*args: Any, **options: Any) -> Any:
+        through_client.append(args[0])
+        return plain(*args, **options)
+
+    client.execute_command = counted
+
+    def runs(t: int) -> None:
+        try:
+            for i in range(40):
+                s = slots(store, key=f"th{t}-{i}")
+                ok, mine = take(store, s, f"r{t}-{i}")
+                assert ok and not take(store, s, f"x{t}-{i}")[0]
+                assert store.release(s, f"r{t}-{i}", mine) == 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=runs, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    held = [Names.redis_key(s.tag, UNITS) for t in range(6) for i in range(40)
+            for s in slots(store, key=f"th{t}-{i}")]
+    assert not store.client.exists(*held), "a unit outlived its run"
+    assert through_client, "no thread ever found the direct connection in use"
+
+
 def test_a_waiting_run_is_never_taken_for_idle(store: Store) -> None:
     """A copy of a run blocked in wait_for must not take the fast path (the run waits, it
     has not ended)."""
