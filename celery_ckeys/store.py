@@ -1,7 +1,7 @@
 """The Redis layer: the only code that talks to Redis.
 
 One client per process and config (created again after ``fork()``), the Lua scripts
-(``lua/*.lua``, loaded with the parts of the library they use in front), and one method per protocol
+(``lua/*.lua``, as ``scripts.py`` assembles them), and one method per protocol
 step of docs/protocol.md. ``celery_ckeys.cluster.ClusterStore`` runs the same steps
 on Redis Cluster, where a script may only touch one hash tag.
 """
@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlparse
 
@@ -36,6 +35,7 @@ from .naming import (
     Names,
     memo_role,
 )
+from .scripts import script_source
 from .slots import Place, Slot
 
 logger = logging.getLogger("celery_ckeys.store")
@@ -45,30 +45,11 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
 SCRIPTS = ("acquire", "take", "release", "unlock", "give", "wait", "renew", "fence", "sweep",
            "limit", "registry", "index")
-#: Scripts loaded without the library: the hot path's releases, which use none of it.
-#: Defining its helpers costs a script call more than most of what it then does.
+#: The hot path's releases: a reply of -1 (not as they expect) sends the release on to
+#: release.lua, which they left untouched.
 BARE = ("unlock", "give")
-#: Scripts loaded with core.lua alone (the key roles, the clock, the limit rule): they
-#: never touch a line, so lib.lua's helpers are not defined for them.
-CORE = ("take", "limit")
 #: The keys give.lua takes per slot, of ``Store._keys``' layout.
 GIVE_ROLES = tuple(SLOT_ROLES.index(role) for role in (UNITS, INFO, LINE, MESSAGES, RESUME, WAITS))
-
-
-def _read_lua(name: str) -> str:
-    return (resources.files("celery_ckeys") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
-
-
-_SOURCES: dict[str, str] = {}
-
-
-def script_source(name: str) -> str:
-    """A script as Redis runs it: ``lua/core.lua``, ``lua/lib.lua``, then the script (a bare
-    one alone, a ``CORE`` one after core.lua only)."""
-    if name not in _SOURCES:
-        parts = [] if name in BARE else ["core"] if name in CORE else ["core", "lib"]
-        _SOURCES[name] = "\n".join([_read_lua(part) for part in parts] + [_read_lua(name)])
-    return _SOURCES[name]
 
 
 @dataclass(frozen=True)
@@ -286,6 +267,7 @@ class Store:
             with self._lock:
                 if self._client is None or self._pid != os.getpid():
                     abandon_inherited(self._client)
+                    abandon_inherited(self._direct)  # its connection is the parent's too
                     self._client = make_client(self.config)
                     self._scripts = {}
                     self._direct = _Direct(self._client)

@@ -817,3 +817,21 @@ def test_a_forked_child_never_waits_on_its_parents_client(redis_server: RedisSer
     finally:
         done.set()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_each_script_carries_only_the_library_it_uses(redis_server: RedisServer) -> None:
+    """scripts.script_source: a script is sent with the library definitions it names (and
+    those they name), not the whole library; each still compiles on the server."""
+    import redis
+
+    from celery_ckeys.scripts import script_source
+    from celery_ckeys.store import SCRIPTS
+
+    client = redis.Redis(port=redis_server.port)
+    for name in SCRIPTS:
+        client.script_load(script_source(name))
+    assert "local function" not in script_source("give"), "a bare script got the library"
+    take_src = script_source("take")
+    assert "local function resolve_all(" in take_src and "local function key(" in take_src
+    assert "local function refill(" not in take_src, "take.lua got lib.lua's line helpers"
+    assert "local LIM, USED" in take_src, "a multi-name definition was dropped"

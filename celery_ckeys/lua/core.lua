@@ -1,7 +1,7 @@
 -- core.lua: the first part of the library every script shares: the named key roles, the
--- server clock and the queue-limit rule. store.py prepends it to each script (but the bare
--- ones: unlock.lua and give.lua), and lib.lua after it to every script that works on lines
--- (all but take.lua and limit.lua); docs/protocol.md is the contract they follow.
+-- server clock and the queue-limit rule. scripts.py puts in front of each script the
+-- definitions of core.lua and then lib.lua that it names (and those they name), no others;
+-- docs/protocol.md is the contract they follow.
 --
 -- Key roles: every slot j of a script passes ten keys, in this order (KEYS[10j-9..10j]):
 --   H  units     STRING (simple: one hold, value = its token, PX lease) or

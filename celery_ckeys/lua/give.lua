@@ -1,5 +1,5 @@
 -- give.lua: lite release, a run's own end on full slots when nobody waits on any of them.
--- docs/protocol.md section 6.2. Loaded without the library: it needs none of it.
+-- docs/protocol.md section 6.2. It names nothing of the library, so it is loaded alone.
 --
 -- KEYS  per slot j = 1..n, six keys (KEYS[6j-5..6j]): its units (H), info (I), line (P),
 --       messages (M), resume order (R) and wait tokens (V)

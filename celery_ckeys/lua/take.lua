@@ -1,7 +1,6 @@
 -- take.lua: lite admission, the uncontended case on full slots (a queue partition, the
--- environment, several slots at once). docs/protocol.md section 6.1. Loaded with core.lua
--- only: it needs the limit rule, none of the line's helpers, and defining them on every call
--- would cost more than the rest of this script.
+-- environment, several slots at once). docs/protocol.md section 6.1. It names the limit
+-- rule of core.lua and none of the line's helpers, so it is loaded with that rule alone.
 --
 -- KEYS  as acquire.lua (ten role keys per slot, the memo keys, the conf keys the specs name,
 --       the sweep index), of which it reads or writes only H, I, P, M, R, V, F and the conf

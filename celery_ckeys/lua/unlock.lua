@@ -1,6 +1,5 @@
 -- unlock.lua: the run's own end on a simple slot, the hot path's release.
--- docs/protocol.md section 6.2. It is loaded without lib.lua: it needs none of its helpers,
--- and defining them costs more than the rest of this script.
+-- docs/protocol.md section 6.2. It names nothing of the library, so it is loaded alone.
 --
 -- KEYS  1 the slot's units key (h)   2 the run's memo key on that slot
 -- ARGV  1 the hold token   2 ticket ("" none)   3 memo life ms   4 lease ms
