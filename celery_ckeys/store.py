@@ -235,9 +235,15 @@ class _Direct:
                     self._conn = self._pool.get_connection("_")
             self._conn.send_command(*args)
             return self._conn.read_response()
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except redis.ResponseError:
+            raise  # an error reply: read whole, the connection is in step
+        except BaseException:
+            # Anything else may leave a reply unread (a soft time limit or a signal raised
+            # between send and read): the next command would read it as its own. redis-py
+            # checks a pooled connection for that when it is checked out; this one is never
+            # checked out again, so it is dropped (it connects again on its next command).
             if self._conn is not None:
-                self._conn.disconnect()  # connects again on its next command
+                self._conn.disconnect()
             raise
         finally:
             self._lock.release()

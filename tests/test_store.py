@@ -735,6 +735,29 @@ def test_the_hot_path_outlives_its_connection_being_killed(store: Store,
         assert take(store, s, "b")[0], "the key was not free after its release"
 
 
+def test_an_exception_before_the_reply_leaves_no_reply_for_the_next_command(
+        store: Store) -> None:
+    """An exception raised after a command is sent and before its reply is read (Celery's
+    soft time limit is raised by a signal at any instant) must not leave that reply for
+    the next command on the kept connection: a stale "OK" would admit a second owner."""
+    s = slots(store, key="held")
+    assert take(store, s, "a")[0]  # the direct connection exists now
+    conn = store._direct._conn
+    real = conn.read_response
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        conn.read_response = real
+        raise Interrupted
+
+    conn.read_response = interrupted
+    with pytest.raises(Interrupted):
+        take(store, slots(store, key="other"), "b")  # its SET is sent, the reply left
+    assert not take(store, s, "c")[0], "a stale reply admitted a second owner"
+
+
 def test_threads_finding_the_hot_path_busy_go_through_the_client(store: Store) -> None:
     """Threads share one direct connection; those that find it in use take the client's
     pool instead. Every run is admitted once and freed."""
