@@ -202,51 +202,68 @@ def abandon_inherited(client: Any) -> None:
         _inherited.append(client)
 
 
-class _Busy(Exception):
-    """The direct connection is in use by another thread (or is not to be had)."""
+class _Unpooled(Exception):
+    """The client routes or fails over per command (Cluster, Sentinel): no kept connection."""
 
 
 class _Direct:
-    """One connection of a plain client's pool, kept by the Store for the hot path.
+    """Connections of their own for the hot path, made like a plain client's pool makes them.
 
     redis-py's client spends more time around a command than a round trip to a local Redis
     takes (pool checkout and return, retry wrapper, observability hooks: ~100 us a call on
-    the benchmark machine, twice a run). The hot path's two commands go straight to a
-    connection kept for good instead. One connection, not one per thread: a thread that
-    finds it in use (thread or greenlet pools, the heartbeat) goes through the client, so a
-    process never holds more than one connection beyond the pool's.
+    the benchmark machine, twice a run). The hot path's commands go straight to a
+    connection kept for good instead: one per process in a prefork pool, up to ``KEEP``
+    when threads send commands at once (thread or greenlet pools, the heartbeat).
+
+    No lock, and none of the pool's: a connection is taken out of a list and put back after
+    its reply, so an exception raised by a signal at any instant (Celery's soft time limit)
+    can at worst lose that connection object, which the garbage collector closes; the next
+    command makes another. (Lost from redis-py's pool instead, it would count against the
+    pool's ``max_connections`` for good.) Anything but an error reply disconnects the
+    connection first: the exception may have come between a command and its reply, and the
+    next command would read that reply as its own.
     """
+
+    KEEP = 4
 
     def __init__(self, client: Any) -> None:
         pool = getattr(client, "connection_pool", None)
-        # Cluster and Sentinel clients route and fail over per command: only a plain pool
-        self._pool = pool if type(pool) in (redis.ConnectionPool,) else None
-        self._conn: Any = None
-        self._lock = threading.Lock()
+        self._pool: Any = pool if type(pool) is redis.ConnectionPool else None
+        self._kept: list[Any] = []
 
     def send(self, args: Sequence[Any]) -> Any:
-        if self._pool is None or not self._lock.acquire(blocking=False):
-            raise _Busy
+        if self._pool is None:
+            raise _Unpooled
+        conn = None
         try:
-            if self._conn is None:
-                try:
-                    self._conn = self._pool.get_connection()
-                except TypeError:  # redis-py < 5.3 wants a command name
-                    self._conn = self._pool.get_connection("_")
-            self._conn.send_command(*args)
-            return self._conn.read_response()
+            conn = self._take()
+            conn.send_command(*args)
+            return conn.read_response()
         except redis.ResponseError:
-            raise  # an error reply: read whole, the connection is in step
+            raise  # an error reply, read whole: the connection is in step
         except BaseException:
-            # Anything else may leave a reply unread (a soft time limit or a signal raised
-            # between send and read): the next command would read it as its own. redis-py
-            # checks a pooled connection for that when it is checked out; this one is never
-            # checked out again, so it is dropped (it connects again on its next command).
-            if self._conn is not None:
-                self._conn.disconnect()
+            if conn is not None:
+                conn.disconnect()  # connects again on its next command
             raise
         finally:
-            self._lock.release()
+            if conn is not None:
+                self._give(conn)
+
+    def _take(self) -> Any:
+        try:
+            return self._kept.pop()
+        except IndexError:
+            return self._pool.connection_class(**self._pool.connection_kwargs)
+
+    def _give(self, conn: Any) -> None:
+        if len(self._kept) < self.KEEP:
+            self._kept.append(conn)
+        else:
+            conn.disconnect()
+
+    def close(self) -> None:
+        while self._kept:
+            self._kept.pop().disconnect()
 
 
 class Store:
@@ -309,14 +326,16 @@ class Store:
             return self.guarded(lambda _: script(keys=list(keys), args=list(args)))
 
     def command(self, *args: Any) -> Any:
-        """One command, its reply raw (no response callback): on the Store's own connection
-        when it is free (``_Direct``), else through the client."""
+        """One command, its reply raw (no response callback), on the Store's kept connection
+        (``_Direct``); through the client on Cluster and Sentinel, and once more after a
+        broken connection."""
         client = self.client  # made again after a fork, and its _Direct with it
         try:
             try:
                 return self._direct.send(args)
-            except (_Busy, redis.ConnectionError, redis.TimeoutError):
-                # busy, or a broken connection: the client, with redis-py's own retry
+            except (_Unpooled, redis.ConnectionError, redis.TimeoutError):
+                # Cluster or Sentinel, or a broken connection: the client, with redis-py's
+                # own retry
                 return client.execute_command(*args)
         except redis.exceptions.NoScriptError:
             raise
@@ -354,6 +373,7 @@ class Store:
     def close(self) -> None:
         if self._client is not None and self._pid == os.getpid():
             try:
+                self._direct.close()
                 self._client.close()
             except REDIS_ERRORS:
                 pass

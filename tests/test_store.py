@@ -744,7 +744,7 @@ def test_an_exception_before_the_reply_leaves_no_reply_for_the_next_command(
     the next command on the kept connection: a stale "OK" would admit a second owner."""
     s = slots(store, key="held")
     assert take(store, s, "a")[0]  # the direct connection exists now
-    conn = store._direct._conn
+    conn = store._direct._kept[0]
     real = conn.read_response
 
     class Interrupted(Exception):
@@ -760,19 +760,20 @@ def test_an_exception_before_the_reply_leaves_no_reply_for_the_next_command(
     assert not take(store, s, "c")[0], "a stale reply admitted a second owner"
 
 
-def test_threads_finding_the_hot_path_busy_go_through_the_client(store: Store) -> None:
-    """Threads share one direct connection; those that find it in use take the client's
-    pool instead. Every run is admitted once and freed."""
+def test_threads_finding_the_kept_connection_taken_make_another(store: Store) -> None:
+    """Threads share the kept connections; one that finds them all taken makes another,
+    kept afterwards up to a few. Every run is admitted once and freed."""
     errors: list[BaseException] = []
-    client = store.client
-    through_client: list[Any] = []
-    plain = client.execute_command
+    made: list[int] = []
+    assert store.client is not None  # made now, with the store's _Direct
+    plain = store._direct._take
 
-    def counted(*args: Any, **options: Any) -> Any:
-        through_client.append(args[0])
-        return plain(*args, **options)
+    def counted() -> Any:
+        if not store._direct._kept:
+            made.append(1)
+        return plain()
 
-    client.execute_command = counted
+    store._direct._take = counted  # type: ignore[method-assign]
 
     def runs(t: int) -> None:
         try:
@@ -793,7 +794,56 @@ def test_threads_finding_the_hot_path_busy_go_through_the_client(store: Store) -
     held = [Names.redis_key(s.tag, UNITS) for t in range(6) for i in range(40)
             for s in slots(store, key=f"th{t}-{i}")]
     assert not store.client.exists(*held), "a unit outlived its run"
-    assert through_client, "no thread ever found the direct connection in use"
+    assert len(made) >= 2, "no thread ever found the kept connection taken"
+    assert 1 <= len(store._direct._kept) <= store._direct.KEEP, "connections piled up"
+
+
+def test_soft_time_limits_at_any_instant_never_mix_replies_nor_lose_the_fast_path(
+        store: Store) -> None:
+    """Celery's soft time limit is an exception raised by a signal at whatever instruction
+    the run is at. Raised at random instants of the hot path's commands: no command ever
+    reads another's reply (a held key never admits a second owner), and afterwards the hot
+    path still runs on the kept connection, not through the client."""
+    import random
+    import signal
+
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    def soft_limit(*_: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    held = slots(store, key="held")
+    assert take(store, held, "owner")[0]
+    rng = random.Random(7)
+    old = signal.signal(signal.SIGALRM, soft_limit)
+    interrupted = 0
+    try:
+        for n in range(1500):
+            try:
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 2e-4))
+                    fresh = slots(store, key=f"f{n}")
+                    take(store, fresh, f"r{n}")  # a SET whose OK may be left unread
+                    admitted = take(store, held, f"second{n}")[0]
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except SoftTimeLimitExceeded:
+                interrupted += 1
+                continue
+            assert not admitted, f"command {n} read another command's reply"
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert interrupted > 0, "no soft limit landed inside a command"
+    client = store.client
+    through_client: list[Any] = []
+    plain = client.execute_command
+    client.execute_command = lambda *a, **k: through_client.append(a) or plain(*a, **k)
+    for n in range(20):
+        ok, mine = take(store, slots(store, key=f"after{n}"), f"a{n}")
+        assert ok and store.release(slots(store, key=f"after{n}"), f"a{n}", mine) == 1
+    assert not through_client, "the hot path lost its kept connection for good"
+    assert len(store._direct._kept) == 1
+    assert len(client.client_list()) < 10, "connections lost to soft limits stay open"
 
 
 def test_a_waiting_run_is_never_taken_for_idle(store: Store) -> None:
