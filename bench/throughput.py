@@ -31,8 +31,9 @@ from celery_ckeys.admission import RunSpec, plan_for
 from celery_ckeys.config import CkeysConfig, from_conf
 from celery_ckeys.embedded import RedisServer
 from celery_ckeys.queues import ConcurrencyQueue
+from celery_ckeys.scripts import script_source
 from celery_ckeys.slots import Slot
-from celery_ckeys.store import Store, Wake, script_source, store_for
+from celery_ckeys.store import Store, Wake, store_for
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from servers import Cluster
