@@ -9,6 +9,7 @@ redis-server, its ``celery worker`` subprocesses and its ``wait_until``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -50,6 +51,19 @@ def seed_holder(store: Any, run: Any, who: str, host: str = "gone") -> str:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--chaos-runs", type=int, default=600,
                      help="runs in the chaos test (make chaos uses 10000)")
+
+
+@pytest.fixture(autouse=True)
+def _close_new_stores() -> Iterator[None]:
+    """Close the stores a test made. Each test has a namespace of its own, so each makes a
+    Store that the process-wide registry would keep open, two connections apiece: some
+    1,500 clients on the shared redis-server by the end of the suite otherwise."""
+    from celery_ckeys import store as store_module
+
+    before = set(store_module._stores)
+    yield
+    for config in set(store_module._stores) - before:
+        store_module._stores.pop(config).close()
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +150,7 @@ class Env:
         return group
 
     # -- observation ------------------------------------------------------------
-    @property
+    @functools.cached_property
     def redis(self) -> redis.Redis:
         """The probe's Redis (and the coordination one, unless that is a cluster or sentinel)."""
         return redis.Redis.from_url(self.probe_url, decode_responses=True)
@@ -178,8 +192,18 @@ class Env:
     def close(self) -> None:
         for group in self.groups:
             group.stop(kill=True)
+        # app.close() only drops the app's pools: their sockets, and the result backend's,
+        # would stay open to the shared redis-server until the process ends
         for app in self._apps:
+            if app._pool is not None:
+                app._pool.force_close_all()
+            backend = getattr(app._local, "backend", None)
+            if backend is not None and "client" in backend.__dict__:
+                backend.result_consumer.stop()
+                backend.client.connection_pool.disconnect()
             app.close()
+        if "redis" in self.__dict__:
+            self.redis.close()
 
 
 @pytest.fixture
