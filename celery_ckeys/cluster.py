@@ -140,10 +140,10 @@ class ClusterStore(Store):
     def acquire(self, slots: Sequence[Slot], who: str, token: str, *, mode: str = "run",
                 ticket: str = "", new_ticket: str = "", message: str = "",
                 place: Optional[Place] = None, primary: int = 1,
-                home: Optional[str] = None) -> AcquireResult:
+                home: Optional[str] = None, deferred: bool = False) -> AcquireResult:
         result = self._admit(slots, who, token, mode=mode, ticket=ticket, new_ticket=new_ticket,
                              message=message, place=self._weighed(place or Place(), message),
-                             home=home, primary=primary)
+                             home=home, primary=primary, deferred=deferred)
         # the unit woken for this copy on a line its plan does not need (any more) goes back,
         # as in acquire.lua (unless the copy stood aside: the run is in line elsewhere)
         if home and ticket and result.status != "needs_message" and result.why != "parked":
@@ -169,13 +169,14 @@ class ClusterStore(Store):
 
     def _admit(self, slots: Sequence[Slot], who: str, token: str, *, mode: str, ticket: str,
                new_ticket: str, message: str, place: Place, home: Optional[str],
-               primary: int = 1) -> AcquireResult:
+               primary: int = 1, deferred: bool = False) -> AcquireResult:
         steps = self._steps(slots, record=mode == "run")
         if mode != "resume":
             return self._steps_in_order(steps, who, token, mode=mode, ticket=ticket,
                                         new_ticket=new_ticket, message=message,
                                         place=place, home=home, primary=primary,
-                                        first_slot=slots[0] if slots else None)
+                                        first_slot=slots[0] if slots else None,
+                                        deferred=deferred)
         # first make sure every slot has a unit reserved for the run; claim only then
         for i, (fixed, original) in enumerate(steps):
             self.note_line(original.tag)  # the sweeper drops its place if the waiter dies
@@ -199,7 +200,8 @@ class ClusterStore(Store):
     def _steps_in_order(self, steps: list[tuple[Slot, Slot]], who: str, token: str, *, mode: str,
                         ticket: str, new_ticket: str, message: str, place: Place,
                         home: Optional[str], primary: int = 1,
-                        first_slot: Optional[Slot] = None) -> AcquireResult:
+                        first_slot: Optional[Slot] = None,
+                        deferred: bool = False) -> AcquireResult:
         # A woken copy visits its home line first (where its reservation is), then the rest in
         # plan order; blocked later in the plan it keeps its home unit and waits with priority,
         # blocked earlier it gives it back: the ordering rule of acquire.lua, step by step.
@@ -224,7 +226,7 @@ class ClusterStore(Store):
                                    new_ticket=new_ticket, message=message,
                                    place=replace(place, kept=keeps_home,
                                                  replace=place.replace and original is own),
-                                   primary=sign)
+                                   primary=sign, deferred=deferred)
             if result.parked and result.rate_wait_ms:
                 # its line is swept when the rate or the throttle lets it go (the scripts
                 # cannot reach the index on its own tag)

@@ -325,7 +325,8 @@ def admit(task: Any, request: Any, store: Store, plan: Plan, headers: dict[str, 
 
     def attempt(message: str, primary: int = plan.primary) -> AcquireResult:
         return store.acquire(slots, request.id, token, ticket=ticket, new_ticket=new_ticket,
-                             message=message, place=place, primary=primary, home=home)
+                             message=message, place=place, primary=primary, home=home,
+                             deferred=bool(headers.get(HEADER_DEFERRALS)))
     if policy == "keep_latest" and headers.get(HEADER_DEFERRALS) and _replaced_already(task, request):
         raise Ignore("replaced by a later run (keep_latest)")
     try:

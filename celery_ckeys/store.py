@@ -459,23 +459,26 @@ class Store:
     def acquire(self, slots: Sequence[Slot], who: str, token: str, *, mode: str = "run",
                 ticket: str = "", new_ticket: str = "", message: str = "",
                 place: Optional[Place] = None, primary: int = 1,
-                home: Optional[str] = None) -> AcquireResult:
+                home: Optional[str] = None, deferred: bool = False) -> AcquireResult:
         """Admit the run (every slot or none) or not: ``acquire.lua``, one call.
 
         ``mode`` "run" (a delivery; ``ticket`` is the one its copy carries) or "resume" (back
         from wait_for; ``ticket`` is then its wait token). ``message``: "" never parks
         (countdown), "?" asks for the message when the run would park, else the message to
         park (handoff), under ``ticket`` or ``new_ticket``, at ``place``. ``home``: the tag of the line a
-        woken copy comes from (one call sees every slot; ClusterStore needs it).
+        woken copy comes from (one call sees every slot; ClusterStore needs it). ``deferred``:
+        the run was deferred before, so it has a deferral record for the script to clear.
         """
         place = place or Place()
         fresh = mode == "run" and not ticket
         # The uncontended cases first (protocol.md section 6.1). An idle simple slot is taken
         # with a bare SET NX PX (one command, no script; no other key named): an existing
         # units key of either type means "go the long way" (section 3, invariant I1).
+        # A run deferred before has a deferral record, which the bare SET would leave behind
+        # (status would list a run that ran as deferred): a script admits it.
         simple = self._simple(slots)
-        if fresh and simple and self.command("SET", Names.redis_key(slots[0].tag, UNITS), token,
-                                             "NX", "PX", self._lease):
+        if fresh and simple and not deferred and self.command(
+                "SET", Names.redis_key(slots[0].tag, UNITS), token, "NX", "PX", self._lease):
             return AcquireResult("admitted", taken=(slots[0],))
         keys, specs, index_at = self._keys(slots, who, place.weight_conf)
         if fresh and not simple:

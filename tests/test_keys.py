@@ -149,6 +149,24 @@ def test_max_retries_zero_completes_after_many_deferrals(env: Env) -> None:
     assert out["retries"] == 0
 
 
+def test_a_deferred_run_that_runs_leaves_no_deferral_record(env: Env) -> None:
+    """Admitted on an idle key after a countdown deferral, the run's record goes with it:
+    status does not list a run that ran as deferred."""
+    from celery_ckeys.introspect import status
+
+    env.configure(ckeys_retry_countdown=0.2)
+    env.workers(count=1, concurrency=2)
+    app = env.app()
+    work = app.tasks["ckt.plain_keyed"]
+    holder = work.apply_async((["rec"], 1.0), concurrency_key="rec")
+    wait_until(lambda: env.holders(env.names.key("rec")) == [holder.id], 30, message="holder")
+    waiter = work.apply_async((["rec"], 0.0), concurrency_key="rec")
+    wait_until(lambda: any(r.task_id == waiter.id for s in status(app) for r in s.deferred), 30,
+               message="the waiter's deferral record")
+    waiter.get(timeout=60)
+    assert [r.task_id for s in status(app) for r in s.deferred] == []
+
+
 def test_one_log_line_per_deferral_names_the_key_and_the_holder(env: Env) -> None:
     group_ = env.workers(count=1, concurrency=2)
     work = env.app().tasks["ckt.work"]
