@@ -8,6 +8,8 @@ from collections import defaultdict
 import pytest
 from conftest import Env, wait_until
 
+from celery_ckeys.introspect import status
+
 
 def test_mutual_exclusion_under_load_on_two_workers(env: Env) -> None:
     """48 runs over 4 keys on 2 workers of 4 processes: no two runs of a key overlap,
@@ -152,8 +154,6 @@ def test_max_retries_zero_completes_after_many_deferrals(env: Env) -> None:
 def test_a_deferred_run_that_runs_leaves_no_deferral_record(env: Env) -> None:
     """Admitted on an idle key after a countdown deferral, the run's record goes with it:
     status does not list a run that ran as deferred."""
-    from celery_ckeys.introspect import status
-
     env.configure(ckeys_retry_countdown=0.2)
     env.workers(count=1, concurrency=2)
     app = env.app()
