@@ -590,6 +590,25 @@ def forfeit(task: Any, task_id: str, headers: dict[str, Any], args: Any, kwargs:
                           " when its claim window passes", why, task_id, describe(err))
 
 
+def comes_back(task: Any, task_id: str, headers: dict[str, Any], args: Any,
+               kwargs: Any) -> None:
+    """The pool process of a woken copy died and Celery puts its message back. If the body
+    had ended, the gate's release left the memo of its ticket, and the result was never
+    stored: the memo would drop the redelivery as a duplicate, the run's result PENDING for
+    ever. The memo goes before the message is back (units stay until the process is gone)."""
+    ticket = ticket_of(headers)[0]
+    if not ticket:
+        return
+    store, slots = _plan_of_message(task, headers, args, kwargs)
+    if store is None:
+        return
+    try:
+        store.forget_memo(slots, task_id, ticket)
+    except CoordinationUnavailable as err:
+        release_log.error("could not clear the memo of lost run %s (%s); its redelivery is"
+                          " dropped as a duplicate", task_id, describe(err))
+
+
 def copy_expired(task: Any, request: Any, headers: dict[str, Any]) -> None:
     """Celery discarded a copy whose ``expires`` was the handoff's copy life. Its run is
     normally still in Redis (woken, kept or in line: it is woken again; held: it runs; or

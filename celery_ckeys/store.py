@@ -566,6 +566,11 @@ class Store:
         """Celery discarded this copy: its woken reservation and parked entry go."""
         return self._release("forfeit", slots, who, "", ticket)
 
+    def forget_memo(self, slots: Sequence[Slot], who: str, ticket: str) -> None:
+        """The pool process of ``who``'s copy with ``ticket`` died and Celery puts its message
+        back: a memo it left (its body ended, its result was not stored) must not drop it."""
+        self._release("unmemo", slots, who, "", ticket)
+
     def unclaim(self, slots: Sequence[Slot], who: str, ticket: str) -> int:
         """A copy gives back the unit woken (or kept) for its ticket on slots its plan does
         not need: mark them ``home_only``."""

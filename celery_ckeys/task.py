@@ -22,6 +22,8 @@ KeySpec = Union[str, Callable[..., str]]
 
 # How a pool process can end without running the gate's ``finally``.
 _PROCESS_GONE = (WorkerLostError, TimeLimitExceeded, Terminated, SystemExit, KeyboardInterrupt)
+# Of those, the ends Celery treats as a lost worker (a requeue with task_reject_on_worker_lost).
+_WORKER_LOST = (WorkerLostError, SystemExit, KeyboardInterrupt)
 
 
 class KeyedRequest(Request):  # type: ignore[misc]
@@ -39,6 +41,10 @@ class KeyedRequest(Request):  # type: ignore[misc]
         exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
         pid = self.worker_pid
         if isinstance(exc, _PROCESS_GONE) and pid and pid != os.getpid():
+            if (isinstance(exc, _WORKER_LOST) and self.task.acks_late
+                    and self.task.reject_on_worker_lost):
+                gate.comes_back(self.task, self.id, dict(self.request_dict), self.args,
+                                self.kwargs)  # now: super() puts the message back
             release = partial(gate.release_lost, self.task, self.id, self.hostname or "", pid,
                               dict(self.request_dict), self.args, self.kwargs, type(exc).__name__)
             after_exit(pid, release)

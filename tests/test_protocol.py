@@ -132,6 +132,27 @@ def test_a_woken_run_whose_process_dies_runs_again(env: Env) -> None:
     assert len(starts(env, run.id)) == 2  # killed once mid-body, then ran to the end
 
 
+@pytest.mark.parametrize("reject_on_lost", [True, False])
+def test_a_woken_run_whose_process_dies_before_its_result_is_stored(env: Env,
+                                                                   reject_on_lost: bool) -> None:
+    """The body ended and left its memo; the process died before Celery stored the result.
+    With task_reject_on_worker_lost the message comes back and must run again (its memo was
+    the dead process's): dropped as a duplicate, its result stayed PENDING for ever (seen
+    in the chaos run). Without it, Celery stores the WorkerLostError and the run is over."""
+    env.configure(task_reject_on_worker_lost=reject_on_lost, **HANDOFF)
+    env.workers(count=1, concurrency=3)
+    app = env.app()
+    hold_then(env, "dr", 0.5)
+    run = park(env, "dr", lambda: app.tasks["ckt.dies_before_its_result"].apply_async(
+        (["dr"], 0.0), concurrency_key="dr"))
+    if reject_on_lost:
+        assert run.get(timeout=60)["id"] == run.id
+        assert len(starts(env, run.id)) == 2  # ran to the end, lost its result, ran again
+    else:
+        wait_until(lambda: run.state == "FAILURE", 60, message="the WorkerLostError stored")
+        assert len(starts(env, run.id)) == 1
+
+
 def test_a_parent_keeps_its_priority_when_redis_forgets_its_scripts(env: Env) -> None:
     """Finding 4: the NOSCRIPT fallback could run step-out's release before its wait entry,
     and the parent lost its place ahead of runs that had not started."""

@@ -276,6 +276,20 @@ def register(app: Celery, probe: Probe) -> None:
             time.sleep(duration)
         return "survived"
 
+    class DiesBeforeItsResult(KeyedTask):
+        abstract = True
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().__call__(*args, **kwargs)  # the gate has released (and left its memo)
+            if probe.client.set(f"{probe.prefix}:killed:{self.request.id}", 1, nx=True):
+                os.kill(os.getpid(), signal.SIGKILL)  # before Celery stores the result
+            return out
+
+    @task(bind=True, base=DiesBeforeItsResult, name="ckt.dies_before_its_result")
+    def dies_before_its_result(self: Any, labels: list[str], duration: float) -> dict[str, Any]:
+        """Its pool process dies once, after the body ended and before the result is stored."""
+        return body(self, labels, duration)
+
     class ForkingTask(KeyedTask):
         abstract = True
 

@@ -9,11 +9,14 @@
 --         not need, or whose stay already ran), "unreserve" (Redis Cluster: a resuming run,
 --         wait token ARGV[3], leaves this slot's resume order for now), or "keep"
 --         (Redis Cluster: a copy that took this unit, then found a later slot of its plan
---         full, keeps it as "@h" while it waits there; see acquire.lua)
+--         full, keeps it as "@h" while it waits there; see acquire.lua), or "unmemo" (the
+--         pool process of this copy died and Celery puts its message back: the memo
+--         "done:"..ticket it may have left, its body ended but its result not stored, goes)
 --       2 task id
 --       3 normal: the hold token; lost: the token prefix [task id, host, pid, naming the
 --         dead process; forfeit: unused
---       4 ticket: normal and forfeit write the memo "done:"..ticket when it is not ""
+--       4 ticket: normal and forfeit write the memo "done:"..ticket when it is not "";
+--         unmemo deletes that memo
 --       5 "lease ms,claim window ms,memo life ms,index position" (the memo lives as long as
 --         a copy of a woken run may: ckeys_handoff_copy_ttl)
 --       6 n   7.. one limit spec per slot (to refill with the limit resolved now)
@@ -65,6 +68,10 @@ for j = 1, N do
     if waiting and starts_with(waiting, token) then
       drop_wait(j, who)
       refill(j, lim, window, idx)
+    end
+  elseif mode == "unmemo" then
+    if redis.call("GET", memo_key(j)) == "done:" .. ticket then
+      redis.call("DEL", memo_key(j))
     end
   else -- forfeit
     if info and (starts_with(info, "@w") or starts_with(info, "@h")) then
