@@ -364,6 +364,26 @@ class Protocol(RuleBasedStateMachine):
         run.faults += 1
         self.broker.append(Msg(run.id, execution.ticket, born=execution.born))
 
+    @precondition(lambda self: [r for r in self.running_runs()
+                                if r.running and r.running.slots and r.parent is None])
+    @rule(data=st.data())
+    def lose_process_before_the_result(self, data: st.DataObject) -> None:
+        """The body ended and the gate released (a ticketed copy leaves its memo), then the
+        process died before Celery stored the result; with task_reject_on_worker_lost the
+        main process forgets the memo and Celery puts the message back: it must run again."""
+        run = data.draw(st.sampled_from([r for r in self.running_runs()
+                                         if r.running and r.running.slots and r.parent is None]))
+        execution = run.running
+        assert execution is not None
+        self.note(f"lose process before the result {run.id} ticket={execution.ticket}")
+        self.store.release(execution.slots, run.id, execution.token, execution.ticket)
+        if execution.ticket:
+            self.store.forget_memo(execution.slots, run.id, execution.ticket)
+        self.store.release_lost(execution.slots, run.id, token_prefix(run.id, execution.host, 1))
+        run.running = None  # not done: no result was stored
+        run.faults += 1
+        self.broker.append(Msg(run.id, execution.ticket, born=execution.born))
+
     @precondition(lambda self: [r for r in self.runs.values() if r.waiting is not None])
     @rule(data=st.data())
     def lose_a_waiting_process(self, data: st.DataObject) -> None:

@@ -502,6 +502,34 @@ def test_a_woken_run_counts_for_the_rate_until_its_copy_claims(store: Store) -> 
     assert store.acquire(s, "r3", token("r3")).rate_wait_ms > 0, "r1's start was not counted"
 
 
+@pytest.mark.parametrize("then", ["claims", "forfeits"])
+def test_a_rate_cleared_while_a_run_is_woken_leaves_no_log_without_expiry(store: Store,
+                                                                         then: str) -> None:
+    """The model test on a cluster: a run woken under a live rate made the rate's log of
+    starts persistent (its pending entry lives as long as the reservation); the rate was
+    cleared before the copy claimed (or gave it back), nothing set an expiry again, and the
+    log stayed in Redis for ever."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    s = slots(store, queue=ConcurrencyQueue("RC", limit=1), key="k")
+    store.set_rate("RC", "5/60000")
+    ok, held = take(store, s, "r0")
+    assert ok
+    assert store.acquire(s, "r1", token("r1"), message="m", new_ticket="tr1").parked
+    store.release(s, "r0", held)
+    assert [w.ticket for w in woken] == ["tr1"]
+    log = Names.redis_key(s[0].tag, "s")
+    assert store.client.pttl(log) == -1  # the pending entry keeps it
+    store.set_rate("RC", None)
+    if then == "claims":
+        ok, mine = take(store, s, "r1", ticket="tr1", home=s[0].tag)
+        assert ok
+        store.release(s, "r1", mine, "tr1")
+    else:
+        store.forfeit(s, "r1", "tr1")
+    assert store.client.pttl(log) != -1, "the rate's log lives for ever"
+
+
 def test_a_run_woken_before_a_pause_waits_again_when_it_claims(store: Store) -> None:
     """Review finding F9: a woken copy claimed and started on a paused partition."""
     woken: list[Wake] = []

@@ -149,6 +149,16 @@ local function rate_woken(j, who)
   end
 end
 
+-- Slot j has no rate any more (it was cleared while runs were woken under it): the log that
+-- their pending entries kept without an expiry goes with the last of them. Nothing reads it
+-- while there is no rate, and nothing else would ever expire it.
+local function rate_log_orphaned(j)
+  local log = key(j, S)
+  if redis.call("ZCOUNT", log, PENDING, "+inf") == 0 and redis.call("PTTL", log) == -1 then
+    redis.call("DEL", log)
+  end
+end
+
 local function rate_claimed(j, who)
   local r = RATE[j]
   if r and redis.call("ZSCORE", key(j, S), who) then
@@ -156,6 +166,8 @@ local function rate_claimed(j, who)
     if redis.call("ZCOUNT", key(j, S), PENDING, "+inf") == 0 then
       redis.call("PEXPIRE", key(j, S), r[2])
     end
+  elseif not r and redis.call("ZREM", key(j, S), who) == 1 then
+    rate_log_orphaned(j)
   end
 end
 
@@ -163,7 +175,9 @@ local function rate_unused(j, who)
   local score = redis.call("ZSCORE", key(j, S), who)
   if score and tonumber(score) >= PENDING then
     redis.call("ZREM", key(j, S), who)
-    if RATE[j] and redis.call("ZCOUNT", key(j, S), PENDING, "+inf") == 0 then
+    if not RATE[j] then
+      rate_log_orphaned(j)
+    elseif redis.call("ZCOUNT", key(j, S), PENDING, "+inf") == 0 then
       redis.call("PEXPIRE", key(j, S), RATE[j][2])
     end
   end
