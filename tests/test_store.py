@@ -76,6 +76,28 @@ def test_a_key_admits_one_owner_and_only_the_owner_releases(store: Store) -> Non
     assert take(store, s, "b")[0]
 
 
+@pytest.mark.parametrize("plan", [{"key": "k"}, {"queue": ConcurrencyQueue("AQ", limit=2,
+                                                                        rate="5/m"),
+                                     "key": "k"}])
+def test_an_acquire_sent_again_with_its_own_token_is_admitted(store: Store,
+                                                             plan: dict[str, Any]) -> None:
+    """A reply lost on a broken connection: the store (redis-py) sends the same call again,
+    which finds the unit the first one took. Its very token proves it is the same attempt:
+    admitted, not blocked behind itself until the lease runs out (and not a second start
+    for a rate)."""
+    s = slots(store, **plan)
+    mine = token("a")
+    first = store.acquire(s, "a", mine)
+    assert first.ok
+    again = store.acquire(s, "a", mine)
+    assert again.status == "admitted" and again.taken == first.taken, again
+    assert store.acquire(s, "a", token("a")).status == "blocked"  # another copy: busy
+    for slot in s:
+        log = Names.redis_key(slot.tag, "s")
+        assert store.client.zcard(log) <= 1, "the same start was logged twice"
+    assert store.release(s, "a", mine) == len(first.taken)
+
+
 def test_a_second_copy_of_a_running_run_waits_and_never_parks(store: Store) -> None:
     s = slots(store, key="k")
     assert take(store, s, "a")[0]

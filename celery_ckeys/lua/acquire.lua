@@ -79,7 +79,7 @@ for j = 1, N do
         C[j] = "resume"
       end
     else
-      local found = classify(j, who, ticket)
+      local found = classify(j, who, ticket, token)
       if found == "dup" or found == "parked" then
         if found == "dup" then
           -- its stay ran (or runs): a unit still woken for it anywhere is stale
@@ -113,7 +113,9 @@ local blocked = nil
 for j = 1, N do
   if USED[j] then
     local c, ok = C[j], false
-    if c == "claim" then
+    if c == "mine" then
+      ok = true -- this call, sent again: the unit is its own already
+    elseif c == "claim" then
       ok = LIM[j] ~= 0 -- woken before a pause: it waits again, in line, for the resume
     elseif c == "resume" then
       ok = redis.call("ZRANGE", key(j, R), 0, 0)[1] == who
@@ -154,7 +156,7 @@ if blocked == nil then
         redis.call("HDEL", key(j, M), who)
         redis.call("HDEL", key(j, I), "n:" .. who)
         rate_claimed(j, who) -- its start is now
-      else
+      elseif C[j] ~= "mine" then
         rate_start(j, who)
       end
       taken[#taken + 1] = tostring(j)

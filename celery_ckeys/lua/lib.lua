@@ -417,13 +417,18 @@ local function unclaim(j, who, ticket, lim, window, idx)
   end
 end
 
--- What a copy of `who`, carrying `ticket` ("" for none), finds on slot j
--- (docs/protocol.md section 5): "dup", "busy", "claim", "parked" or "fresh".
+-- What a copy of `who`, carrying `ticket` ("" for none), with hold token `token`, finds on
+-- slot j (docs/protocol.md section 5): "mine", "dup", "busy", "claim", "parked" or "fresh".
+-- "mine": a hold with this very token, which only this attempt made (tokens are unique):
+-- the same call sent again after its reply was lost; it has the unit already.
 -- Only the memo proves that a stay ran: a hold or a wait with this very ticket proves only
 -- that it started, and its process may be dead (the unit then goes without a memo), so a
 -- copy that meets one is "busy": deferred, then dropped by the memo or run after all.
-local function classify(j, who, ticket)
+local function classify(j, who, ticket, token)
   local info = redis.call("HGET", key(j, I), who)
+  if info == token then
+    return "mine"
+  end
   if info and not starts_with(info, "@") then
     return "busy"
   end
