@@ -179,21 +179,22 @@ class Protocol(RuleBasedStateMachine):
         self.broker.append(Msg(run.id))
 
     @precondition(lambda self: self.broker)
-    @rule(data=st.data(), handoff=st.booleans())
-    def deliver(self, data: st.DataObject, handoff: bool) -> None:
-        """A worker (countdown or handoff: a mixed deployment) takes a copy from the broker."""
+    @rule(data=st.data(), handoff=st.booleans(), resend=st.sampled_from([False, False, True]))
+    def deliver(self, data: st.DataObject, handoff: bool, resend: bool) -> None:
+        """A worker (countdown or handoff: a mixed deployment) takes a copy from the broker;
+        ``resend``: the reply of its acquire is lost and the store sends the call again."""
         msg = self.broker.pop(data.draw(st.integers(0, len(self.broker) - 1)))
-        self.admit(msg, handoff)
+        self.admit(msg, handoff, resend)
 
-    def admit(self, msg: Msg, handoff: bool) -> None:
+    def admit(self, msg: Msg, handoff: bool, resend: bool = False) -> None:
         try:
-            self._admit(msg, handoff)
+            self._admit(msg, handoff, resend)
         except AssertionError as exc:
             if "--- what happened" in str(exc):
                 raise
             raise AssertionError(f"{exc}\n--- what happened:\n" + "\n".join(self.ops)) from None
 
-    def _admit(self, msg: Msg, handoff: bool) -> None:
+    def _admit(self, msg: Msg, handoff: bool, resend: bool) -> None:
         run = self.runs[msg.run]
         if msg.born is not None and msg.born < self.hour:
             # Celery discards the expired copy (task_revoked, expired); the expiry was the
@@ -236,6 +237,11 @@ class Protocol(RuleBasedStateMachine):
             result = attempt("?" if handoff or msg.ticket else "")
             if result.status == "needs_message":
                 result = attempt(json.dumps({"run": run.id, "task": "t"}))
+            if resend and result.status == "admitted":
+                again = attempt("?" if handoff or msg.ticket else "")
+                assert again.status == "admitted" and again.taken == result.taken, (
+                    f"{run.id}: the same acquire sent again was {again.status}")
+                self.ops.append(f"  the acquire of {run.id} was sent again: admitted")
         for gone in result.replaced:  # keep_latest: REVOKED, never to run
             self.ops.append(f"  {run.id} replaced {gone}")
             self.runs[gone].revoked = self.runs[gone].replaced = True
