@@ -248,6 +248,7 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     store = store_of(task.app)
     final = False  # the body ended in a state Celery stores as final (not Retry/Ignore/Reject)
     requeued = False  # Reject(requeue=True): the same message comes back and must run
+    abrupt = False  # SystemExit, KeyboardInterrupt: Celery stores nothing; a redelivery must run
     try:
         plan = plan_of(task, headers, args, kwargs)
         if plan is not None:
@@ -265,14 +266,19 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     except Exception:
         final = True
         raise
+    except BaseException:
+        abrupt = True
+        raise
     finally:
         if final:
             # before this run's units go, so that what it frees goes to the waiting parent
             _parent_may_resume(store, headers)
         active = request.__dict__.pop(_ACTIVE, None)  # after wait_for: a new token
         if active is not None:
-            # no memo for a requeued stay: its message, ticket and all, is delivered again
-            release(task, active.holding, reason="finished", memo=not requeued)
+            # no memo for a requeued stay (its message, ticket and all, is delivered again),
+            # nor for one that ends its process: a release queued for the background would
+            # write it after the main process cleared it for the redelivery
+            release(task, active.holding, reason="finished", memo=not (requeued or abrupt))
 
 
 def leave_home(task: Any, request: Any, store: Store, headers: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ KeySpec = Union[str, Callable[..., str]]
 
 # How a pool process can end without running the gate's ``finally``.
 _PROCESS_GONE = (WorkerLostError, TimeLimitExceeded, Terminated, SystemExit, KeyboardInterrupt)
-# Of those, the ends Celery treats as a lost worker (a requeue with task_reject_on_worker_lost).
+# Of those, the ends Celery treats as a lost worker (requeued by task_reject_on_worker_lost).
 _WORKER_LOST = (WorkerLostError, SystemExit, KeyboardInterrupt)
 
 
@@ -41,15 +41,23 @@ class KeyedRequest(Request):  # type: ignore[misc]
         exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
         pid = self.worker_pid
         if isinstance(exc, _PROCESS_GONE) and pid and pid != os.getpid():
-            if (isinstance(exc, _WORKER_LOST) and self.task.acks_late
-                    and self.task.reject_on_worker_lost):
-                gate.comes_back(self.task, self.id, dict(self.request_dict), self.args,
-                                self.kwargs)  # now: super() puts the message back
+            self._ckeys_lost = isinstance(exc, _WORKER_LOST)  # see reject
             release = partial(gate.release_lost, self.task, self.id, self.hostname or "", pid,
                               dict(self.request_dict), self.args, self.kwargs, type(exc).__name__)
             after_exit(pid, release)
         return super().on_failure(exc_info, send_failed_event=send_failed_event,
                                   return_ok=return_ok)
+
+    _ckeys_lost = False
+
+    def reject(self, requeue: bool = False) -> None:
+        if requeue and self._ckeys_lost and not self.acknowledged:
+            # Celery puts the message of a lost process back (task_reject_on_worker_lost):
+            # a memo that process left after its body ended, its result not stored, would
+            # drop the redelivery. Only here: Celery does not requeue when the result was
+            # stored already, or it publishes a retry instead.
+            gate.comes_back(self.task, self.id, dict(self.request_dict), self.args, self.kwargs)
+        super().reject(requeue=requeue)
 
 
 class KeyedTask(Task):  # type: ignore[misc]

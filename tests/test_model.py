@@ -748,7 +748,8 @@ class Protocol(RuleBasedStateMachine):
         bounds = {"f": self.config.deferral_memory_ms, "q": 60_000,
                   "h": self.config.lock_ttl_ms, "i": self.config.lock_ttl_ms,
                   "w": self.config.lock_ttl_ms, "v": self.config.lock_ttl_ms,
-                  "s": int(RATE.split("/")[1])}  # a rate's log lives one window
+                  # a rate's log: one window past the longest claim window of a wake
+                  "s": int(RATE.split("/")[1]) + 64 * self.config.claim_window_ms}
         for tag, roles in self.store.scan_tags().items():
             for role in roles:
                 key = Names.redis_key(tag, role)

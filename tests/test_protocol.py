@@ -12,9 +12,11 @@ import threading
 from typing import Any, Callable
 
 import pytest
+from celery.worker.request import Request
 from conftest import Env, wait_until
 
 from celery_ckeys.config import get_config
+from celery_ckeys.naming import Names, memo_role
 from celery_ckeys.store import store_for
 
 HANDOFF = {"ckeys_deferral": "handoff", "ckeys_retry_countdown": 1.0}
@@ -151,6 +153,38 @@ def test_a_woken_run_whose_process_dies_before_its_result_is_stored(env: Env,
     else:
         wait_until(lambda: run.state == "FAILURE", 60, message="the WorkerLostError stored")
         assert len(starts(env, run.id)) == 1
+
+
+@pytest.mark.skipif(not hasattr(Request, "_success_was_stored"),
+                    reason="this Celery requeues a lost run even when its result is stored")
+def test_a_woken_run_whose_process_dies_after_its_result_keeps_its_memo(env: Env) -> None:
+    """Review finding: the memo went whenever a lost process's message was to be requeued,
+    but Celery acks instead when the result was stored already (the process died in
+    task_postrun); a stale copy of the finished stay then ran it again."""
+    env.configure(task_reject_on_worker_lost=True, **HANDOFF)
+    group = env.workers(count=1, concurrency=3)
+    app = env.app()
+    hold_then(env, "da", 0.5)
+    task = app.tasks["ckt.dies_after_its_result"]
+    run = park(env, "da", lambda: task.apply_async((["da"], 0.0), concurrency_key="da"))
+    run.get(timeout=60)
+    wait_until(lambda: "succeeded before the worker was lost" in worker_logs(group), 60,
+               message="Celery to see the process lost after the result")
+    home = env.names.key("da")
+    memo = env.redis.get(Names.redis_key(home, memo_role(run.id)))
+    assert memo and memo.startswith("done:"), "the memo of a stay whose result is stored went"
+    # a stale woken copy of the same stay turns up (a wake it lost its claim window on)
+    stale = {"concurrency_key": "da", "ckeys_ticket": [memo[len("done:"):], home, 0, None]}
+    app.send_task("ckt.dies_after_its_result", (["da"], 0.0), task_id=run.id, headers=stale)
+    wait_until(lambda: worker_logs(group).count(f"dies_after_its_result[{run.id}] received") == 2,
+               60, message="the stale copy delivered")
+    wait_until(lambda: f"dies_after_its_result[{run.id}] ignored" in worker_logs(group)
+               or len(starts(env, run.id)) > 1, 60, message="the stale copy handled")
+    assert len(starts(env, run.id)) == 1, "a stay whose result was stored ran again"
+
+
+def worker_logs(group: Any) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(group.log_dir.glob("*.log")))
 
 
 def test_a_parent_keeps_its_priority_when_redis_forgets_its_scripts(env: Env) -> None:

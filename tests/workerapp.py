@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 import redis
 from celery import Celery
 from celery.exceptions import Ignore, Reject
+from celery.signals import task_postrun
 
 from celery_ckeys import ConcurrencyQueue, KeyedTask, wait_for
 from celery_ckeys import signals as ckeys_signals
@@ -289,6 +290,20 @@ def register(app: Celery, probe: Probe) -> None:
     def dies_before_its_result(self: Any, labels: list[str], duration: float) -> dict[str, Any]:
         """Its pool process dies once, after the body ended and before the result is stored."""
         return body(self, labels, duration)
+
+    @task(bind=True, base=KeyedTask, name="ckt.dies_after_its_result")
+    def dies_after_its_result(self: Any, labels: list[str], duration: float) -> dict[str, Any]:
+        """Its pool process dies once, in task_postrun: after Celery stored the result."""
+        return body(self, labels, duration)
+
+    def die_after_the_result(sender: Any = None, task_id: Optional[str] = None,
+                             state: Optional[str] = None, **_: Any) -> None:
+        if getattr(sender, "name", None) == "ckt.dies_after_its_result" and state == "SUCCESS" \
+                and probe.client.set(
+                f"{probe.prefix}:killed:{task_id}", 1, nx=True):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    task_postrun.connect(die_after_the_result, weak=False, dispatch_uid="ckt.die_after_result")
 
     class ForkingTask(KeyedTask):
         abstract = True

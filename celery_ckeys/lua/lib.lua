@@ -141,33 +141,28 @@ local function rate_start(j, who)
 end
 
 -- A run of the line is woken on slot j (pending), claims (its start is now), or its woken
--- or kept unit goes back unused (its pending entry goes).
+-- or kept unit goes back unused (its pending entry goes). The log always has an expiry: a
+-- pending entry counts no longer than the reservation it was woken with (a re-wake renews
+-- both), and a start one rate window; a call that sees no rate (one cleared meanwhile, or a
+-- stale read of it under Cluster) changes nothing, so never removes what a live rate counts.
 local function rate_woken(j, who)
-  if RATE[j] then
-    redis.call("ZADD", key(j, S), PENDING + NOW, who)
-    redis.call("PERSIST", key(j, S)) -- a pending entry lives as long as the reservation
-  end
-end
-
--- Slot j has no rate any more (it was cleared while runs were woken under it): the log that
--- their pending entries kept without an expiry goes with the last of them. Nothing reads it
--- while there is no rate, and nothing else would ever expire it.
-local function rate_log_orphaned(j)
-  local log = key(j, S)
-  if redis.call("ZCOUNT", log, PENDING, "+inf") == 0 and redis.call("PTTL", log) == -1 then
-    redis.call("DEL", log)
-  end
-end
-
-local function rate_claimed(j, who)
   local r = RATE[j]
-  if r and redis.call("ZSCORE", key(j, S), who) then
-    redis.call("ZADD", key(j, S), NOW, who)
-    if redis.call("ZCOUNT", key(j, S), PENDING, "+inf") == 0 then
-      redis.call("PEXPIRE", key(j, S), r[2])
+  if r then
+    local log = key(j, S)
+    local reserved_until = tonumber(redis.call("ZSCORE", key(j, H), who)) or NOW
+    redis.call("ZADD", log, PENDING + NOW, who)
+    redis.call("PEXPIRE", log, math.max(redis.call("PTTL", log), reserved_until - NOW + r[2]))
+  end
+end
+
+-- A run woken under a rate starts when it claims, whether or not this call sees the rate.
+local function rate_claimed(j, who)
+  local r, log = RATE[j], key(j, S)
+  if redis.call("ZSCORE", log, who) then
+    redis.call("ZADD", log, NOW, who)
+    if r then
+      redis.call("PEXPIRE", log, math.max(redis.call("PTTL", log), r[2]))
     end
-  elseif not r and redis.call("ZREM", key(j, S), who) == 1 then
-    rate_log_orphaned(j)
   end
 end
 
@@ -175,11 +170,6 @@ local function rate_unused(j, who)
   local score = redis.call("ZSCORE", key(j, S), who)
   if score and tonumber(score) >= PENDING then
     redis.call("ZREM", key(j, S), who)
-    if not RATE[j] then
-      rate_log_orphaned(j)
-    elseif redis.call("ZCOUNT", key(j, S), PENDING, "+inf") == 0 then
-      redis.call("PEXPIRE", key(j, S), RATE[j][2])
-    end
   end
 end
 
