@@ -43,14 +43,33 @@ def held(app: Any, key: Optional[str] = None, *, queue: Optional[str] = None,
 
 
 def force_release(app: Any, owners: list[tuple[str, str]]) -> list[dict[str, str]]:
-    """Release each ``(slot tag, task id)`` as if its holder were lost; what was released."""
+    """Release each ``(slot tag, task id)`` as if its holder were lost, with the units the
+    same run holds on the slots taken together with that one (its queue's own slot and
+    total, the environment); what was released."""
     store = store_of(app)
-    released = []
+    released: list[dict[str, str]] = []
+    done: set[tuple[str, str]] = set()
     for t, owner in owners:
-        slot = slot_for_tag(store.config, store.names, t)
-        if slot is not None and store.release_lost([slot], owner, owner_prefix(owner)):
-            released.append({"slot": slot.label, "task_id": owner})
+        for tag in (t, *_taken_with(store, t)):
+            if (tag, owner) in done:
+                continue
+            done.add((tag, owner))
+            slot = slot_for_tag(store.config, store.names, tag)
+            if slot is not None and store.release_lost([slot], owner, owner_prefix(owner)):
+                released.append({"slot": slot.label, "task_id": owner})
     return released
+
+
+def _taken_with(store: Store, tag: str) -> list[str]:
+    """The slots a run holding ``tag`` may hold with it (plans order partition, key, queue,
+    total, environment): a unit left there would keep counting until its lease ran out.
+    Releasing on a slot the run does not hold frees nothing."""
+    parsed = parse_tag(tag)
+    if parsed is None or parsed.kind == "env":
+        return []
+    names = store.names
+    queue = [names.queue(parsed.queue), names.total(parsed.queue)] if parsed.queue else []
+    return [t for t in (*queue, names.env()) if t != tag]
 
 
 def _partitions_of(store: Store, queue: str) -> list[str]:

@@ -97,6 +97,25 @@ def test_release_a_queue_and_its_partitions(env: Env) -> None:
     assert sorted(r["task_id"] for r in out["released"]) == ["o1", "o3"]
 
 
+def test_releasing_a_partition_frees_what_its_run_holds_with_it(env: Env) -> None:
+    """A forced release of a partition freed that slot only: the holder's units on the
+    queue's total and on the environment went on counting until their lease ran out."""
+    from celery_ckeys.admission import RunSpec
+    from celery_ckeys.config import get_config
+    from celery_ckeys.store import store_for
+
+    env.configure(ckeys_environment_limit=4)
+    store = store_for(get_config(env.app()))
+    store.set_queue_limit("qt", 5, field="total")
+    seed_holder(store, RunSpec("t", queue=ConcurrencyQueue("qt", 2), key="a"), "o4")
+    tags = [env.names.partition("qt", "a"), env.names.total("qt"), env.names.env()]
+    assert all(store.holders_of(t) == ["o4"] for t in tags)
+    out = json.loads(ckeys(env, "release", "--queue", "qt", "--key", "a", "--yes", "--json").stdout)
+    assert sorted(r["slot"] for r in out["released"]) == [
+        "(environment)", "queue qt (total)", "queue qt [a]"]
+    assert all(store.holders_of(t) == [] for t in tags)
+
+
 def test_limits_get_and_set(env: Env) -> None:
     out = json.loads(ckeys(env, "limits", "get", "--json").stdout)
     declared = {q["queue"]: q for q in out["queues"]}
