@@ -36,8 +36,10 @@ def test_status_shows_holders_and_deferred_runs_as_they_are(env: Env) -> None:
     env.workers(count=2, concurrency=4)
     work = env.app().tasks["ckt.work"]
     paid = {"name": "paid-users", "limit": 2}
-    holders = [work.apply_async((["x"], 12.0), concurrency_queue=paid, concurrency_key="alice",
-                                tags=["plan:paid"]) for _ in range(2)]
+    # they hold until the test is done looking (a fixed duration raced the CLI on a busy host)
+    holders = [env.app().tasks["ckt.hold_until"].apply_async(
+        (["x"], "status"), concurrency_queue=paid, concurrency_key="alice", tags=["plan:paid"])
+        for _ in range(2)]
     wait_until(lambda: len(env.holders(env.names.partition("paid-users", "alice"))) == 2, 30,
                message="two holders")
     waiting = work.apply_async((["x"], 0.0), concurrency_queue=paid, concurrency_key="alice")
@@ -59,6 +61,7 @@ def test_status_shows_holders_and_deferred_runs_as_they_are(env: Env) -> None:
     assert "is full, held by" in ckeys(env, "explain", waiting.id).stdout
     running = json.loads(ckeys(env, "explain", holders[0].id, "--json").stdout)
     assert running["state"] == "running"
+    env.open_gate("status")
     waiting.get(timeout=60)
 
 

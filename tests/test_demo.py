@@ -31,7 +31,9 @@ def test_the_demo_runs_on_an_embedded_redis_and_checks_every_limit() -> None:
 def test_the_cli_shows_holders_and_deferred_runs_while_the_demo_runs(redis_server: RedisServer) -> None:
     url = f"{redis_server.url}/0"
     demo = subprocess.Popen([sys.executable, "-m", "ckeys_example.demo", "--contacts", "60",
-                             "--scenarios", "pull requests"],
+                             "--scenarios", "pull requests",
+                             # each user's line lasts seconds: several CLI calls see it
+                             "--pr-seconds", "1.0"],
                             env={**os.environ, "REDIS_URL": url}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

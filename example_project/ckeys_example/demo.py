@@ -40,6 +40,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, from: {', '.join(SCENARIOS)}")
     parser.add_argument("--countdown", type=float, default=1.0)
+    parser.add_argument("--pr-seconds", type=float, default=0.2,
+                        help="how long each pull request takes (longer: time to watch the"
+                             " lines with the CLI)")
     parser.add_argument("--hold", type=float, default=0.0,
                         help="pause this many seconds before stopping (to try the CLI)")
     return parser.parse_args(argv)
@@ -116,7 +119,7 @@ def run_scenario(scenario: Scenario, observer: Any) -> None:
     scenario.seconds = time.monotonic() - started
 
 
-def build_scenarios(contacts: int) -> list[Scenario]:
+def build_scenarios(contacts: int, pr_seconds: float = 0.2) -> list[Scenario]:
     from . import tasks
 
     rng = random.Random(7)
@@ -128,7 +131,8 @@ def build_scenarios(contacts: int) -> list[Scenario]:
 
     def pull_requests() -> list[Any]:
         users = [("alice", True), ("bob", True), ("carol", False), ("dave", False)]
-        return [tasks.trigger_pull_request(user, free) for user, free in users for _ in range(6)]
+        return [tasks.trigger_pull_request(user, free, pr_seconds)
+                for user, free in users for _ in range(6)]
 
     def one_at_a_time() -> list[Any]:
         return [tasks.rebuild_search_index.delay(i) for i in range(12)]
@@ -211,7 +215,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"watch it live: celery -A ckeys_example.app ckeys status"
               f"  (with REDIS_URL={url} CKEYS_NAMESPACE={os.environ['CKEYS_NAMESPACE']})")
         wanted = [name.strip() for name in args.scenarios.split(",")]
-        scenarios = [sc for sc in build_scenarios(args.contacts) if sc.name in wanted]
+        scenarios = [sc for sc in build_scenarios(args.contacts, args.pr_seconds) if sc.name in wanted]
         for scenario in scenarios:
             run_scenario(scenario, observer())
         report = observer().report()

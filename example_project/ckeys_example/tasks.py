@@ -38,11 +38,11 @@ def generate_pull_request(user_id: str, plan: str, work_seconds: float = 0.2) ->
     return f"PR for {user_id}"
 
 
-def trigger_pull_request(user_id: str, is_free_user: bool) -> Any:
+def trigger_pull_request(user_id: str, is_free_user: bool, work_seconds: float = 0.2) -> Any:
     """What the backend does: free users get 1 slot each, paid users 3 each."""
     queue = FREE_USERS if is_free_user else PAID_USERS
     plan = "free" if is_free_user else "paid"
-    return generate_pull_request.apply_async((user_id, plan), concurrency_queue=queue,
+    return generate_pull_request.apply_async((user_id, plan, work_seconds), concurrency_queue=queue,
                                              concurrency_key=user_id, tags=[f"plan:{plan}"])
 
 
