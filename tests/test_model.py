@@ -481,8 +481,9 @@ class Protocol(RuleBasedStateMachine):
         self.broker.append(Msg(child.id))
 
     def resumable(self) -> list[Run]:
+        # a child that skip or keep_latest revoked is final too (REVOKED: wait_for returns)
         return [r for r in self.runs.values() if r.waiting is not None and r.child is not None
-                and self.runs[r.child].done]
+                and (self.runs[r.child].done or self.runs[r.child].revoked)]
 
     @precondition(lambda self: self.resumable())
     @rule(data=st.data())
@@ -748,8 +749,9 @@ class Protocol(RuleBasedStateMachine):
         bounds = {"f": self.config.deferral_memory_ms, "q": 60_000,
                   "h": self.config.lock_ttl_ms, "i": self.config.lock_ttl_ms,
                   "w": self.config.lock_ttl_ms, "v": self.config.lock_ttl_ms,
-                  # a rate's log: one window past the longest claim window of a wake
-                  "s": int(RATE.split("/")[1]) + 64 * self.config.claim_window_ms}
+                  # a rate's log: a window past its last pending entry, the longest (an
+                  # hour) when that entry went after the rate was cleared
+                  "s": 3_600_000}
         for tag, roles in self.store.scan_tags().items():
             for role in roles:
                 key = Names.redis_key(tag, role)

@@ -69,7 +69,10 @@ for j = 1, N do
     load(j)
     prune(j, LIM[j], window, idx)
     if resuming then
-      if redis.call("HGET", key(j, I), who) == "@r" .. ticket then
+      local info = redis.call("HGET", key(j, I), who)
+      if info == token then
+        C[j] = "mine" -- this resume, sent again after its reply was lost
+      elseif info == "@r" .. ticket then
         C[j] = "claim"
       else
         -- not reserved yet (or its wait ended without its child): in the resume order

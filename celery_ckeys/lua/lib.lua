@@ -141,28 +141,33 @@ local function rate_start(j, who)
 end
 
 -- A run of the line is woken on slot j (pending), claims (its start is now), or its woken
--- or kept unit goes back unused (its pending entry goes). The log always has an expiry: a
--- pending entry counts no longer than the reservation it was woken with (a re-wake renews
--- both), and a start one rate window; a call that sees no rate (one cleared meanwhile, or a
--- stale read of it under Cluster) changes nothing, so never removes what a live rate counts.
+-- or kept unit goes back unused (its pending entry goes).
 local function rate_woken(j, who)
-  local r = RATE[j]
-  if r then
-    local log = key(j, S)
-    local reserved_until = tonumber(redis.call("ZSCORE", key(j, H), who)) or NOW
-    redis.call("ZADD", log, PENDING + NOW, who)
-    redis.call("PEXPIRE", log, math.max(redis.call("PTTL", log), reserved_until - NOW + r[2]))
+  if RATE[j] then
+    redis.call("ZADD", key(j, S), PENDING + NOW, who)
+    redis.call("PERSIST", key(j, S)) -- a pending entry lives as long as the reservation
+  end
+end
+
+-- Rates are N/s, N/m or N/h (validation.py): no rate's window is longer than an hour.
+local LONGEST_RATE_WINDOW = 3600000
+
+-- Once its last pending entry went, the log lives a window past now (every start in it is
+-- older). A call that sees no rate (cleared meanwhile, or a stale read under Cluster) gives
+-- it the longest window any rate can have: bounded, and never shorter than a live rate needs.
+local function rate_log_settle(j)
+  local log = key(j, S)
+  if redis.call("ZCOUNT", log, PENDING, "+inf") == 0 then
+    local window = RATE[j] and RATE[j][2] or LONGEST_RATE_WINDOW
+    redis.call("PEXPIRE", log, math.max(redis.call("PTTL", log), window))
   end
 end
 
 -- A run woken under a rate starts when it claims, whether or not this call sees the rate.
 local function rate_claimed(j, who)
-  local r, log = RATE[j], key(j, S)
-  if redis.call("ZSCORE", log, who) then
-    redis.call("ZADD", log, NOW, who)
-    if r then
-      redis.call("PEXPIRE", log, math.max(redis.call("PTTL", log), r[2]))
-    end
+  if redis.call("ZSCORE", key(j, S), who) then
+    redis.call("ZADD", key(j, S), NOW, who)
+    rate_log_settle(j)
   end
 end
 
@@ -170,6 +175,7 @@ local function rate_unused(j, who)
   local score = redis.call("ZSCORE", key(j, S), who)
   if score and tonumber(score) >= PENDING then
     redis.call("ZREM", key(j, S), who)
+    rate_log_settle(j)
   end
 end
 
