@@ -555,46 +555,44 @@ def test_a_rate_cleared_while_a_run_is_woken_leaves_no_log_without_expiry(store:
 
 
 def test_a_woken_unit_kept_while_its_run_waits_elsewhere_still_counts_for_the_rate(
-        redis_server: RedisServer, request: pytest.FixtureRequest) -> None:
+        store: Store, request: pytest.FixtureRequest) -> None:
     """Review finding: a woken run claimed its partition, found the total full and kept the
     unit ("@h") while it waited there; its entry in the rate's log expired meanwhile (on
     Cluster its claim step had logged the start already), so when it did start a fresh run
     started beside it within the same window of a rate of 1/s."""
     from celery_ckeys.contrib.testing import wait_until
 
-    for kind in ("single", "stepwise"):
-        st = make(redis_server.url, kind, ckeys_lock_ttl=30, ckeys_handoff_claim_timeout=0.3)
-        request.addfinalizer(st.close)
-        woken: list[Wake] = []
-        st.on_wakes = woken.extend
-        q = ConcurrencyQueue("RK", limit=3, total_limit=2, rate="1/s")
-        a, b, c = (slots(st, queue=q, key=k) for k in "abc")
-        ok, first = take(st, a, "A1")
-        assert ok
-        st.release(a, "A1", first)  # a start on a: the next must wait a window
-        (ok1, b1), (ok2, c1) = take(st, b, "B1"), take(st, c, "C1")  # the total is full
-        assert ok1 and ok2
-        assert st.acquire(a, "X", token("X"), message="m", new_ticket="tX").parked
-        sweeper = slot_for_tag(st.config, st.names, a[0].tag)
-        assert sweeper is not None
+    st = with_conf(store, ckeys_lock_ttl=30, ckeys_handoff_claim_timeout=0.3)
+    request.addfinalizer(st.close)
+    woken: list[Wake] = []
+    st.on_wakes = woken.extend
+    q = ConcurrencyQueue("RK", limit=3, total_limit=2, rate="1/s")
+    a, b, c = (slots(st, queue=q, key=k) for k in "abc")
+    ok, first = take(st, a, "A1")
+    assert ok
+    st.release(a, "A1", first)  # a start on a: the next must wait a window
+    (ok1, b1), (ok2, c1) = take(st, b, "B1"), take(st, c, "C1")  # the total is full
+    assert ok1 and ok2
+    assert st.acquire(a, "X", token("X"), message="m", new_ticket="tX").parked
+    sweeper = slot_for_tag(st.config, st.names, a[0].tag)
+    assert sweeper is not None
 
-        def swept() -> bool:
-            st.sweep(sweeper)
-            return bool(woken)
-        wait_until(swept, timeout=5, message="X is woken once the rate lets it start")
-        kept = st.acquire(a, "X", token("X", ticket="tX"), ticket="tX", home=a[0].tag,
-                          message="m")
-        assert kept.parked and st.read_slot(a[0].tag).info.get("X") == "@htX"
-        since = st.now_ms()
-        wait_until(lambda: st.now_ms() > since + 1500, timeout=5, message="a window passes")
-        woken.clear()
-        st.release(b, "B1", b1)
-        home = next(w.tag for w in woken if w.ticket == "tX")
-        assert st.acquire(a, "X", token("X", ticket="tX"), ticket="tX", home=home).ok
-        st.release(c, "C1", c1)  # room on the total: only the rate may hold Y back
-        blocked = st.acquire(a, "Y", token("Y"))
-        assert blocked.status == "blocked" and blocked.rate_wait_ms > 0, \
-            f"{kind}: a second start within one window of 1/s: {blocked}"
+    def swept() -> bool:
+        st.sweep(sweeper)
+        return bool(woken)
+    wait_until(swept, timeout=5, message="X is woken once the rate lets it start")
+    kept = st.acquire(a, "X", token("X", ticket="tX"), ticket="tX", home=a[0].tag, message="m")
+    assert kept.parked and st.read_slot(a[0].tag).info.get("X") == "@htX"
+    since = st.now_ms()
+    wait_until(lambda: st.now_ms() > since + 1500, timeout=5, message="a window passes")
+    woken.clear()
+    st.release(b, "B1", b1)
+    home = next(w.tag for w in woken if w.ticket == "tX")
+    assert st.acquire(a, "X", token("X", ticket="tX"), ticket="tX", home=home).ok
+    st.release(c, "C1", c1)  # room on the total: only the rate may hold Y back
+    blocked = st.acquire(a, "Y", token("Y"))
+    assert blocked.status == "blocked" and blocked.rate_wait_ms > 0, \
+        f"a second start within one window of 1/s: {blocked}"
 
 
 def test_a_run_woken_before_a_pause_waits_again_when_it_claims(store: Store) -> None:
