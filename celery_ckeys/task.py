@@ -35,6 +35,9 @@ class KeyedRequest(Request):  # type: ignore[misc]
     gone, so the release waits until it is: two bodies never overlap.
     """
 
+    #: on_failure saw the pool process lost (WorkerLostError and its kin): see reject
+    _ckeys_lost = False
+
     def on_failure(self, exc_info: Any, send_failed_event: bool = True,
                    return_ok: bool = False) -> Any:
         exc = getattr(exc_info, "exception", None)
@@ -47,8 +50,6 @@ class KeyedRequest(Request):  # type: ignore[misc]
             after_exit(pid, release)
         return super().on_failure(exc_info, send_failed_event=send_failed_event,
                                   return_ok=return_ok)
-
-    _ckeys_lost = False
 
     def reject(self, requeue: bool = False) -> None:
         if requeue and self._ckeys_lost and not self.acknowledged:

@@ -46,6 +46,15 @@ def park(env: Env, key: str, make: Callable[[], Any]) -> Any:
     return result
 
 
+def woken_run(env: Env, key: str, task: str, duration: float = 0.0,
+              held_for: float = 0.5) -> Any:
+    """A run of ``task`` on ``key`` that parks behind a holder of ``held_for`` seconds, and so
+    runs as a copy woken from the line (it carries a ticket)."""
+    hold_then(env, key, held_for)
+    return park(env, key, lambda: env.app().tasks[task].apply_async(
+        ([key], duration), concurrency_key=key))
+
+
 # -- the symptoms ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("task", ["ckt.end", "ckt.autoretry"])
@@ -126,10 +135,7 @@ def test_a_woken_run_whose_process_dies_runs_again(env: Env) -> None:
     woken run whose process died was then dropped: lost."""
     env.configure(task_reject_on_worker_lost=True, **HANDOFF)
     env.workers(count=1, concurrency=3)
-    app = env.app()
-    hold_then(env, "kd", 1.0)
-    run = park(env, "kd", lambda: app.tasks["ckt.kill_once"].apply_async(
-        (["kd"], 0.1), concurrency_key="kd"))
+    run = woken_run(env, "kd", "ckt.kill_once", 0.1, held_for=1.0)
     assert run.get(timeout=60) == "survived"
     assert len(starts(env, run.id)) == 2  # killed once mid-body, then ran to the end
 
@@ -143,10 +149,7 @@ def test_a_woken_run_whose_process_dies_before_its_result_is_stored(env: Env,
     in the chaos run). Without it, Celery stores the WorkerLostError and the run is over."""
     env.configure(task_reject_on_worker_lost=reject_on_lost, **HANDOFF)
     env.workers(count=1, concurrency=3)
-    app = env.app()
-    hold_then(env, "dr", 0.5)
-    run = park(env, "dr", lambda: app.tasks["ckt.dies_before_its_result"].apply_async(
-        (["dr"], 0.0), concurrency_key="dr"))
+    run = woken_run(env, "dr", "ckt.dies_before_its_result")
     if reject_on_lost:
         assert run.get(timeout=60)["id"] == run.id
         assert len(starts(env, run.id)) == 2  # ran to the end, lost its result, ran again
@@ -164,9 +167,7 @@ def test_a_woken_run_whose_process_dies_after_its_result_keeps_its_memo(env: Env
     env.configure(task_reject_on_worker_lost=True, **HANDOFF)
     group = env.workers(count=1, concurrency=3)
     app = env.app()
-    hold_then(env, "da", 0.5)
-    task = app.tasks["ckt.dies_after_its_result"]
-    run = park(env, "da", lambda: task.apply_async((["da"], 0.0), concurrency_key="da"))
+    run = woken_run(env, "da", "ckt.dies_after_its_result")
     run.get(timeout=60)
     wait_until(lambda: "succeeded before the worker was lost" in worker_logs(group), 60,
                message="Celery to see the process lost after the result")

@@ -63,6 +63,19 @@ def take(store: Store, s: Any, who: str, **kw: Any) -> tuple[bool, str]:
     return store.acquire(s, who, tok, **kw).ok, tok
 
 
+def sweep_until_woken(store: Store, tag: str, woken: list[Wake], message: str) -> None:
+    """Sweep slot ``tag`` until the store has published a wake (into ``woken``)."""
+    from celery_ckeys.contrib.testing import wait_until
+
+    sweeper = slot_for_tag(store.config, store.names, tag)
+    assert sweeper is not None
+
+    def swept() -> bool:
+        store.sweep(sweeper)
+        return bool(woken)
+    wait_until(swept, timeout=5, message=message)
+
+
 def test_a_key_admits_one_owner_and_only_the_owner_releases(store: Store) -> None:
     s = slots(store, key="k")
     ok, a = take(store, s, "a")
@@ -463,8 +476,6 @@ def test_a_rate_lets_n_runs_start_in_any_window_and_says_when_the_next_may(store
     """rate="3/s" (issue 13): three starts, then the fourth is blocked with the time until
     the window lets it start, even with room under the limit; releases do not change that;
     a parked run is woken by the sweep once it may start, and never sooner."""
-    from celery_ckeys.contrib.testing import wait_until
-
     woken: list[Wake] = []
     store.on_wakes = woken.extend
     queue = ConcurrencyQueue("R", limit=10, rate="3/s")
@@ -486,13 +497,7 @@ def test_a_rate_lets_n_runs_start_in_any_window_and_says_when_the_next_may(store
     parked = store.acquire(s, "r5", token("r5"), message="m", new_ticket="tr5")
     assert parked.parked and parked.rate_wait_ms > 0
     assert not woken
-    sweeper = slot_for_tag(store.config, store.names, s[0].tag)
-    assert sweeper is not None
-
-    def swept() -> bool:
-        store.sweep(sweeper)
-        return bool(woken)
-    wait_until(swept, timeout=5, message="the sweep wakes r5 once the rate lets it start")
+    sweep_until_woken(store, s[0].tag, woken, "the sweep wakes r5 once the rate lets it start")
     woke_at = store.read_slot(s[0].tag).starts[-1]
     assert woke_at - min(first) >= 1000, "a fourth run started within the first one's second"
 
@@ -508,13 +513,7 @@ def test_a_woken_run_counts_for_the_rate_until_its_copy_claims(store: Store) -> 
     s = slots(store, queue=ConcurrencyQueue("R", limit=10, rate="1/s"), key="k")
     assert take(store, s, "r0")[0]
     assert store.acquire(s, "r1", token("r1"), message="m", new_ticket="tr1").parked
-    sweeper = slot_for_tag(store.config, store.names, s[0].tag)
-    assert sweeper is not None
-
-    def swept() -> bool:
-        store.sweep(sweeper)
-        return bool(woken)
-    wait_until(swept, timeout=5, message="r1 is woken once the window allows it")
+    sweep_until_woken(store, s[0].tag, woken, "r1 is woken once the window allows it")
     woke = store.now_ms()
     wait_until(lambda: store.now_ms() > woke + 1100, timeout=5, message="a window passes")
     assert store.acquire(s, "r2", token("r2")).status == "blocked", \
@@ -574,13 +573,7 @@ def test_a_woken_unit_kept_while_its_run_waits_elsewhere_still_counts_for_the_ra
     (ok1, b1), (ok2, c1) = take(st, b, "B1"), take(st, c, "C1")  # the total is full
     assert ok1 and ok2
     assert st.acquire(a, "X", token("X"), message="m", new_ticket="tX").parked
-    sweeper = slot_for_tag(st.config, st.names, a[0].tag)
-    assert sweeper is not None
-
-    def swept() -> bool:
-        st.sweep(sweeper)
-        return bool(woken)
-    wait_until(swept, timeout=5, message="X is woken once the rate lets it start")
+    sweep_until_woken(st, a[0].tag, woken, "X is woken once the rate lets it start")
     kept = st.acquire(a, "X", token("X", ticket="tX"), ticket="tX", home=a[0].tag, message="m")
     assert kept.parked and st.read_slot(a[0].tag).info.get("X") == "@htX"
     since = st.now_ms()
