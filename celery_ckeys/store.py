@@ -482,8 +482,10 @@ class Store:
             return AcquireResult("admitted", taken=(slots[0],))
         keys, specs, index_at = self._keys(slots, who, place.weight_conf)
         if fresh and not simple:
-            # Full slots with room and nobody waiting are taken by take.lua.
-            taken = _text(self.call("take", keys, [who, token, self._lease, primary,
+            # Full slots with room and nobody waiting are taken by take.lua. Only a run
+            # deferred before has a deferral record for it to delete (primary 0: none).
+            taken = _text(self.call("take", keys, [who, token, self._lease,
+                                                   primary if deferred else 0,
                                                    len(slots), *specs]))
             if taken != "0":
                 return AcquireResult("admitted",

@@ -136,6 +136,25 @@ def test_all_or_nothing_when_the_environment_is_full(store: Store) -> None:
     assert env.holders_of(env.names.key("y")) == [], "a slot stayed taken by a refused run"
 
 
+def test_a_runs_end_on_full_slots_leaves_nothing_and_spares_a_co_holder(store: Store) -> None:
+    """The lite release (give.lua): the last unit of a slot goes with its units and info
+    keys in one DEL; a slot another run still holds keeps that run's unit and info."""
+    env = with_conf(store, ckeys_environment_limit=10)
+    queue = ConcurrencyQueue("gq", 5)
+    s1, s2 = slots(env, queue=queue, key="k1"), slots(env, queue=queue, key="k2")
+    t1, t2 = token("a"), token("b")
+    first, second = env.acquire(s1, "a", t1), env.acquire(s2, "b", t2)
+    assert first.ok and second.ok
+    env_slot = next(x for x in first.taken if x.kind == "env")
+    assert env.release(first.taken, "a", t1) == len(first.taken)
+    assert env.holders_of(env_slot.tag) == ["b"]
+    assert env.client.hget(env_slot.key("i"), "b") == t2.encode()
+    left = list(env.client.scan_iter(match=f"ckeys:{{{env.names.ns}|*"))
+    assert not any(b"k1" in k for k in left), left
+    assert env.release(second.taken, "b", t2) == len(second.taken)
+    assert list(env.client.scan_iter(match=f"ckeys:{{{env.names.ns}|*")) == []
+
+
 def test_a_trigger_time_limit_is_recorded_and_used_from_then_on(store: Store) -> None:
     assert take(store, slots(store, queue=ConcurrencyQueue("tq", 1), queue_from_trigger=True), "a")[0]
     assert store.queue_limit("tq") == 1

@@ -32,13 +32,19 @@ for j = 1, n do
 end
 -- A units key that empties is gone with its last member; its info goes with it (settle's
 -- rule). No TTL is touched: every write that added or renewed a unit set h and i to
--- outlive it.
+-- outlive it. The first two members tell whether this run's unit is the last one (the
+-- uncontended end: one DEL for both keys) or whether h outlives it (a marker sorts first).
 for _, j in ipairs(mine) do
   local h, i = KEYS[6 * j - 5], KEYS[6 * j - 4]
-  redis.call("ZREM", h, who)
-  redis.call("HDEL", i, who, "n:" .. who)
-  if redis.call("EXISTS", h) == 0 then
-    redis.call("DEL", i)
+  local first = redis.call("ZRANGE", h, 0, 1)
+  if #first == 1 and first[1] == who then
+    redis.call("DEL", h, i)
+  else
+    redis.call("ZREM", h, who)
+    redis.call("HDEL", i, who, "n:" .. who)
+    if #first == 0 then -- its unit was gone already (pruned): only the info was left
+      redis.call("DEL", i)
+    end
   end
 end
 return #mine

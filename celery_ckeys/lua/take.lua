@@ -5,7 +5,7 @@
 -- KEYS  as acquire.lua (ten role keys per slot, the memo keys, the conf keys the specs name,
 --       the sweep index), of which it reads or writes only H, I, P, M, R, V, F and the conf
 -- ARGV  1 task id   2 the hold token   3 lease ms   4 primary slot (its deferral record goes;
---       negative as in acquire.lua)
+--       negative as in acquire.lua; 0: a run never deferred, which has no record)
 --       5 n   6.. one limit spec per slot (core.lua resolve_limit)
 -- Returns "j1,j2,..." the slots taken (every one the run needs), or 0: nothing was taken,
 -- acquire.lua must decide (somebody is in line, woken, resuming or in wait_for on a slot;
