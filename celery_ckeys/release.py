@@ -12,6 +12,7 @@ next renew it. Use it to unstick slots whose holder you know is gone.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 from .admission import slot_for_tag
@@ -44,13 +45,13 @@ def held(app: Any, key: Optional[str] = None, *, queue: Optional[str] = None,
 
 def force_release(app: Any, owners: list[tuple[str, str]]) -> list[dict[str, str]]:
     """Release each ``(slot tag, task id)`` as if its holder were lost, with the units the
-    same run holds on the slots taken together with that one (its queue's own slot and
-    total, the environment); what was released."""
+    same run holds on the slots taken together with that one (a partition's key mutex, its
+    queue's own slot and total, a key's queue, the environment); what was released."""
     store = store_of(app)
     released: list[dict[str, str]] = []
     done: set[tuple[str, str]] = set()
     for t, owner in owners:
-        for tag in (t, *_taken_with(store, t)):
+        for tag in (t, *_taken_with(store, t, owner)):
             if (tag, owner) in done:
                 continue
             done.add((tag, owner))
@@ -60,16 +61,40 @@ def force_release(app: Any, owners: list[tuple[str, str]]) -> list[dict[str, str
     return released
 
 
-def _taken_with(store: Store, tag: str) -> list[str]:
+def _taken_with(store: Store, tag: str, owner: str) -> list[str]:
     """The slots a run holding ``tag`` may hold with it (plans order partition, key, queue,
     total, environment): a unit left there would keep counting until its lease ran out.
-    Releasing on a slot the run does not hold frees nothing."""
+    Releasing on a slot the run does not hold frees nothing, so this may name too many."""
     parsed = parse_tag(tag)
     if parsed is None or parsed.kind == "env":
         return []
     names = store.names
-    queue = [names.queue(parsed.queue), names.total(parsed.queue)] if parsed.queue else []
-    return [t for t in (*queue, names.env()) if t != tag]
+    queues = [parsed.queue] if parsed.queue else []
+    found = [names.key(parsed.key)] if parsed.kind == "partition" and parsed.key else []
+    if parsed.kind == "key" and parsed.key is not None:
+        # a key's run has no queue of its own (its task's implicit queue, named by its
+        # token) or a partition of the key on the queue it was triggered on
+        task = _task_of(store, tag, owner)
+        queues += [task] if task else []
+        for t in store.scan_tags(f"p|*|{enc(parsed.key)}"):
+            other = parse_tag(t)
+            if other is not None and other.kind == "partition" and other.key == parsed.key:
+                found.append(t)
+                queues.append(str(other.queue))
+    for queue in queues:
+        found += [names.queue(queue), names.total(queue)]
+    return [t for t in dict.fromkeys([*found, names.env()]) if t != tag]
+
+
+def _task_of(store: Store, tag: str, owner: str) -> Optional[str]:
+    """The task name in ``owner``'s hold token on slot ``tag`` (None: not a hold)."""
+    state = store.read_slot(tag)
+    raw = state.simple if state.simple is not None else state.info.get(owner, "")
+    try:
+        token = json.loads(raw)
+    except ValueError:
+        return None
+    return str(token[5]) if isinstance(token, list) and len(token) > 5 else None
 
 
 def _partitions_of(store: Store, queue: str) -> list[str]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
 from conftest import TESTS, Env, seed_holder, wait_until
 
 from celery_ckeys import ConcurrencyQueue
@@ -116,6 +117,41 @@ def test_releasing_a_partition_frees_what_its_run_holds_with_it(env: Env) -> Non
     out = json.loads(ckeys(env, "release", "--queue", "qt", "--key", "a", "--yes", "--json").stdout)
     assert sorted(r["slot"] for r in out["released"]) == [
         "(environment)", "queue qt (total)", "queue qt [a]"]
+    assert all(store.holders_of(t) == [] for t in tags)
+
+
+def test_releasing_a_key_frees_what_its_run_holds_with_it(env: Env) -> None:
+    """A forced release of a key freed the key alone: its run's units on its task's
+    implicit queue and on the environment went on counting until their lease ran out."""
+    from celery_ckeys.admission import RunSpec
+    from celery_ckeys.config import get_config
+    from celery_ckeys.store import store_for
+
+    env.configure(ckeys_environment_limit=4)
+    store = store_for(get_config(env.app()))
+    seed_holder(store, RunSpec("t", key="k1"), "o5")
+    tags = [env.names.key("k1"), env.names.queue("t"), env.names.env()]
+    assert all(store.holders_of(t) == ["o5"] for t in tags)
+    out = json.loads(ckeys(env, "release", "k1", "--yes", "--json").stdout)
+    assert sorted(r["slot"] for r in out["released"]) == ["(environment)", "key k1", "queue t"]
+    assert all(store.holders_of(t) == [] for t in tags)
+
+
+@pytest.mark.parametrize("by", ["key", "partition"])
+def test_releasing_a_key_or_its_partition_frees_the_other(env: Env, by: str) -> None:
+    """A run triggered with a key on a queue with no limit anywhere holds the key's
+    partition (limit 1) and the key mutex: releasing either left the other held."""
+    from celery_ckeys.admission import RunSpec
+    from celery_ckeys.config import get_config
+    from celery_ckeys.store import store_for
+
+    store = store_for(get_config(env.app()))
+    seed_holder(store, RunSpec("t", queue=ConcurrencyQueue("qn"), key="k2"), "o6")
+    tags = [env.names.partition("qn", "k2"), env.names.key("k2")]
+    assert all(store.holders_of(t) == ["o6"] for t in tags)
+    args = ["k2"] if by == "key" else ["--queue", "qn", "--key", "k2"]
+    out = json.loads(ckeys(env, "release", *args, "--yes", "--json").stdout)
+    assert sorted(r["slot"] for r in out["released"]) == ["key k2", "queue qn [k2]"]
     assert all(store.holders_of(t) == [] for t in tags)
 
 
