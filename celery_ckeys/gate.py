@@ -214,6 +214,16 @@ def expires_by_us(headers: dict[str, Any]) -> bool:
     return copy_expiry(headers)[0]
 
 
+def deferred_before(request: Any, headers: dict[str, Any]) -> bool:
+    """Whether this run may have a countdown deferral record to clear as it is admitted: a
+    copy published by a deferral says so in a header; a message the broker delivers again
+    may be one whose run was deferred (its record written) before the deferral's own
+    publish failed or its worker was lost."""
+    if headers.get(HEADER_DEFERRALS):
+        return True
+    return bool((getattr(request, "delivery_info", None) or {}).get("redelivered"))
+
+
 def hold_token(task: Any, request: Any, ticket: str, tags: list[str]) -> str:
     """A token unique to this acquisition; ``status`` and release-by-pid read it too."""
     return json.dumps([request.id, request.hostname or "", os.getpid(), uuid.uuid4().hex[:12],
@@ -332,7 +342,7 @@ def admit(task: Any, request: Any, store: Store, plan: Plan, headers: dict[str, 
     def attempt(message: str, primary: int = plan.primary) -> AcquireResult:
         return store.acquire(slots, request.id, token, ticket=ticket, new_ticket=new_ticket,
                              message=message, place=place, primary=primary, home=home,
-                             deferred=bool(headers.get(HEADER_DEFERRALS)))
+                             deferred=deferred_before(request, headers))
     if policy == "keep_latest" and headers.get(HEADER_DEFERRALS) and _replaced_already(task, request):
         raise Ignore("replaced by a later run (keep_latest)")
     try:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import kombu.pools
 import pytest
 import redis
 
@@ -34,6 +35,11 @@ import workerapp  # noqa: E402
 __all__ = ["TESTS", "Env", "Workers", "seed_holder", "wait_until"]
 
 _db_numbers = itertools.count(1)
+
+#: ``CKEYS_TEST_BROKER=amqp://guest@127.0.0.1//`` runs the worker tests on that broker
+#: (RabbitMQ, say), each test on a queue of its own; results and coordination stay on the
+#: private redis-server. Unset: the broker is a database of that redis-server.
+TEST_BROKER = os.environ.get("CKEYS_TEST_BROKER") or None
 
 
 def seed_holder(store: Any, run: Any, who: str, host: str = "gone") -> str:
@@ -103,10 +109,12 @@ class Env:
         self.db = next(_db_numbers)
         slug = re.sub(r"[^A-Za-z0-9]+", "-", test_name)[:40]
         self.namespace = f"t{self.db}-{slug}"
-        self.broker = f"{server.url}/{self.db}"
+        self.backend = f"{server.url}/{self.db}"
+        self.broker = TEST_BROKER or self.backend
         self.coordination = coordination or server
         self._redis_url = redis_url
-        self.conf: dict[str, Any] = {}
+        # a shared broker: the workers of one test must not take another test's messages
+        self.conf: dict[str, Any] = {"task_default_queue": self.namespace} if TEST_BROKER else {}
         self._apps: list[Any] = []
         self.groups: list[Workers] = []
         #: the test whose report shows the workers' logs when it fails
@@ -128,14 +136,14 @@ class Env:
 
     def worker_environ(self, conf: dict[str, Any]) -> dict[str, str]:
         return {
-            "CKT_BROKER": self.broker, "CKT_BACKEND": self.broker, "CKT_REDIS": self.redis_url,
+            "CKT_BROKER": self.broker, "CKT_BACKEND": self.backend, "CKT_REDIS": self.redis_url,
             "CKT_NS": self.namespace, "CKT_CONF": json.dumps({**self.conf, **conf}),
             "CKT_PROBE": self.probe_url,
             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
         }
 
     def app(self, **conf: Any) -> Any:
-        app = workerapp.make_app(self.broker, self.broker, self.redis_url, self.namespace,
+        app = workerapp.make_app(self.broker, self.backend, self.redis_url, self.namespace,
                                  {**self.conf, **conf}, probe_url=self.probe_url)
         self._apps.append(app)
         return app
@@ -186,9 +194,6 @@ class Env:
 
         return store_for(get_config(self.app())).holders_of(tag)
 
-    def broker_length(self, queue: str = "celery") -> int:
-        return int(redis.Redis.from_url(self.broker).llen(queue))
-
     def close(self) -> None:
         for group in self.groups:
             group.stop(kill=True)
@@ -202,6 +207,10 @@ class Env:
                 backend.result_consumer.stop()
                 backend.client.connection_pool.disconnect()
             app.close()
+        if TEST_BROKER:
+            # kombu keeps one pool per broker URL for all apps: the one closed above would
+            # be handed, closed, to the next test's app
+            kombu.pools.reset()
         if "redis" in self.__dict__:
             self.redis.close()
 

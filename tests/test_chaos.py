@@ -176,7 +176,7 @@ def test_chaos(chaos_env: Env, request: pytest.FixtureRequest) -> None:
     total = int(request.config.getoption("--chaos-runs"))
     cluster = env.conf.get("ckeys_redis_cluster", False)
     env.configure(ckeys_retry_countdown=1.0, ckeys_lock_ttl=10, task_reject_on_worker_lost=True)
-    journal = redis.Redis.from_url(env.broker, decode_responses=True)
+    journal = redis.Redis.from_url(env.backend, decode_responses=True)
     groups = [env.workers(count=1, concurrency=4, **HANDOFF),
               env.workers(count=1, concurrency=4, **COUNTDOWN)]
     app = env.app()

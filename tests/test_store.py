@@ -155,6 +155,32 @@ def test_a_runs_end_on_full_slots_leaves_nothing_and_spares_a_co_holder(store: S
     assert list(env.client.scan_iter(match=f"ckeys:{{{env.names.ns}|*")) == []
 
 
+def test_a_redelivered_run_admitted_clears_the_deferral_record_its_first_copy_left(
+        store: Store) -> None:
+    """A run deferred by countdown whose retry was never published (the publish failed, so
+    the gate rejected the message with requeue) comes back as the original message, with no
+    deferral header: taken by take.lua without a word, it stayed listed as deferred while
+    it ran (review finding). The broker marks the message redelivered; that is enough."""
+    from types import SimpleNamespace
+
+    from celery_ckeys.gate import deferred_before
+
+    env = with_conf(store, ckeys_environment_limit=10)
+    plan = plan_for(env.config, RunSpec(task_name="t", queue=ConcurrencyQueue("dr", 1), key="k"))
+    assert plan is not None
+    a, t = token("a"), token("t")
+    assert env.acquire(plan.slots, "a", a).ok
+    assert env.acquire(plan.slots, "t", t, primary=plan.primary).status == "blocked"
+    record = plan.slots[plan.primary - 1].key("f")
+    assert env.client.hexists(record, "t")
+    env.release(plan.slots, "a", a)
+    redelivered = SimpleNamespace(delivery_info={"redelivered": True})
+    assert deferred_before(redelivered, {})
+    assert not deferred_before(SimpleNamespace(delivery_info={}), {})
+    assert env.acquire(plan.slots, "t", t, deferred=deferred_before(redelivered, {})).ok
+    assert not env.client.hexists(record, "t")
+
+
 def test_a_trigger_time_limit_is_recorded_and_used_from_then_on(store: Store) -> None:
     assert take(store, slots(store, queue=ConcurrencyQueue("tq", 1), queue_from_trigger=True), "a")[0]
     assert store.queue_limit("tq") == 1
