@@ -194,6 +194,15 @@ class Env:
 
         return store_for(get_config(self.app())).holders_of(tag)
 
+    def broker_length(self) -> int:
+        """Messages waiting in the broker for this test's workers, on any broker."""
+        queue = self.conf.get("task_default_queue", "celery")
+        with self.app().connection_for_write() as conn:
+            try:
+                return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+            except conn.channel_errors:  # no such queue: nothing was ever published to it
+                return 0
+
     def close(self) -> None:
         for group in self.groups:
             group.stop(kill=True)
