@@ -201,7 +201,8 @@ def _limit_for(store: Store, tag: Tag, tag_string: str,
     return store.resolve_limits([slot])[0]
 
 
-def _token(raw: Optional[str]) -> list[Any]:
+def token_parts(raw: Optional[str]) -> list[Any]:
+    """The fields of a hold token (``gate.hold_token``); [] when ``raw`` is not one."""
     try:
         value = json.loads(raw or "")
     except ValueError:
@@ -210,7 +211,7 @@ def _token(raw: Optional[str]) -> list[Any]:
 
 
 def _holder(task_id: str, token: str, lease_left_ms: float, now_ms: int) -> Holder:
-    parts = _token(token) + [None] * 8
+    parts = token_parts(token) + [None] * 8
     started = parts[6]
     return Holder(task_id=task_id, task_name=str(parts[5] or "?"),
                   held_seconds=round(max(0.0, now_ms / 1000 - started), 3) if started else 0.0,
@@ -221,7 +222,7 @@ def _holder(task_id: str, token: str, lease_left_ms: float, now_ms: int) -> Hold
 def _fill(store: Store, slot: SlotStatus, state: SlotState) -> None:
     now = state.now_ms
     if state.simple is not None:
-        owner = str((_token(state.simple) or ["?"])[0])
+        owner = str((token_parts(state.simple) or ["?"])[0])
         slot.holders.append(_holder(owner, state.simple, state.simple_ttl_ms, now))
     woken: list[tuple[str, float]] = []
     for owner, expiry in state.units:
@@ -240,7 +241,7 @@ def _fill(store: Store, slot: SlotStatus, state: SlotState) -> None:
         last = int(rec.get("at", 0))
         if last < now - memory:
             continue
-        info = _token(rec.get("info") if isinstance(rec.get("info"), str) else None) + [None] * 8
+        info = token_parts(rec.get("info") if isinstance(rec.get("info"), str) else None) + [None] * 8
         blocked = parse_tag(str(rec.get("blocked", "")))
         slot.deferred.append(Deferred(
             task_id=owner, task_name=str(info[5] or "?"),

@@ -12,11 +12,11 @@ next renew it. Use it to unstick slots whose holder you know is gone.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 from .admission import slot_for_tag
 from .gate import store_of
+from .introspect import token_parts
 from .naming import enc, parse_tag
 from .store import Store, owner_prefix
 from .validation import check_key, check_queue_name
@@ -39,7 +39,7 @@ def held(app: Any, key: Optional[str] = None, *, queue: Optional[str] = None,
         if partition_key is not None:
             tags = [names.partition(queue, check_key(partition_key))]
         else:
-            tags = [names.queue(queue), names.total(queue), *_partitions_of(store, queue)]
+            tags = [names.queue(queue), names.total(queue), *_partitions(store, queue)]
     return [(t, owner) for t in tags for owner in store.holders_of(t)]
 
 
@@ -76,11 +76,11 @@ def _taken_with(store: Store, tag: str, owner: str) -> list[str]:
         # token) or a partition of the key on the queue it was triggered on
         task = _task_of(store, tag, owner)
         queues += [task] if task else []
-        for t in store.scan_tags(f"p|*|{enc(parsed.key)}"):
+        for t in _partitions(store, key=parsed.key):
             other = parse_tag(t)
-            if other is not None and other.kind == "partition" and other.key == parsed.key:
+            if other is not None and other.queue:
                 found.append(t)
-                queues.append(str(other.queue))
+                queues.append(other.queue)
     for queue in queues:
         found += [names.queue(queue), names.total(queue)]
     return [t for t in dict.fromkeys([*found, names.env()]) if t != tag]
@@ -89,14 +89,12 @@ def _taken_with(store: Store, tag: str, owner: str) -> list[str]:
 def _task_of(store: Store, tag: str, owner: str) -> Optional[str]:
     """The task name in ``owner``'s hold token on slot ``tag`` (None: not a hold)."""
     state = store.read_slot(tag)
-    raw = state.simple if state.simple is not None else state.info.get(owner, "")
-    try:
-        token = json.loads(raw)
-    except ValueError:
-        return None
-    return str(token[5]) if isinstance(token, list) and len(token) > 5 else None
+    parts = token_parts(state.simple if state.simple is not None else state.info.get(owner))
+    return str(parts[5]) if len(parts) > 5 else None
 
 
-def _partitions_of(store: Store, queue: str) -> list[str]:
-    return sorted(t for t in store.scan_tags(f"p|{enc(queue)}|*")
+def _partitions(store: Store, queue: Optional[str] = None, key: Optional[str] = None) -> list[str]:
+    """The partition tags of ``queue`` (any queue: None) for ``key`` (any key: None)."""
+    pattern = "|".join(["p", "*" if queue is None else enc(queue), "*" if key is None else enc(key)])
+    return sorted(t for t in store.scan_tags(pattern)
                   if (parsed := parse_tag(t)) is not None and parsed.kind == "partition")
