@@ -55,10 +55,10 @@ class Plan:
     weight: Optional[int] = None
     weight_conf: Optional[str] = None
 
-    def place(self, order_ms: int, priority: int) -> Place:
+    def place(self, order_ms: int, priority: int, replace: bool = False) -> Place:
         """Where the run goes when it parks (slots.Place)."""
         return Place(order_ms=order_ms, priority=priority, key=self.key, weight=self.weight,
-                     weight_conf=self.weight_conf)
+                     weight_conf=self.weight_conf, replace=replace)
 
     @property
     def primary_slot(self) -> Slot:
@@ -74,8 +74,11 @@ def env_slot(names: Names, config: CkeysConfig) -> Slot:
                 limit=LimitSpec(fixed=config.environment_burst_limit))
 
 
+_MUTEX = LimitSpec(fixed=1)
+
+
 def key_slot(names: Names, key: str, *, when_unlimited: Optional[int] = None) -> Slot:
-    return Slot(tag=names.key(key), kind="key", label=f"key {key}", limit=LimitSpec(fixed=1),
+    return Slot(tag=names.key(key), kind="key", label=f"key {key}", limit=_MUTEX,
                 when_unlimited=when_unlimited)
 
 
@@ -98,10 +101,15 @@ def queue_limit(config: CkeysConfig, queue: str, *, trigger: Optional[int] = Non
                      key=key, computed=computed, rate=rate, rate_trigger=rate_trigger)
 
 
+@lru_cache(maxsize=64)
+def names_of(namespace: str) -> Names:
+    return Names(namespace)
+
+
 @lru_cache(maxsize=4096)
 def plan_for(config: CkeysConfig, run: RunSpec) -> Optional[Plan]:
     """The slots ``run`` needs, most specific first; ``None`` when it needs none."""
-    names = Names(config.namespace)
+    names = names_of(config.namespace)
     slots: list[Slot] = []
     queue = run.queue
     if queue is not None:

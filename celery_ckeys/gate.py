@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import time
-import uuid
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable, NoReturn, Optional
@@ -224,10 +223,20 @@ def deferred_before(request: Any, headers: dict[str, Any]) -> bool:
     return bool((getattr(request, "delivery_info", None) or {}).get("redelivered"))
 
 
+#: JSON as ``json.dumps(..., separators=(",", ":"))`` writes it, without its per-call setup
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def nonce(size: int) -> str:
+    """``size`` random bytes in hex: what makes a token or ticket unique (``uuid4`` costs
+    several times as much, on every run)."""
+    return os.urandom(size).hex()
+
+
 def hold_token(task: Any, request: Any, ticket: str, tags: list[str]) -> str:
     """A token unique to this acquisition; ``status`` and release-by-pid read it too."""
-    return json.dumps([request.id, request.hostname or "", os.getpid(), uuid.uuid4().hex[:12],
-                       ticket, task.name, round(time.time(), 3), tags], separators=(",", ":"))
+    return _compact([request.id, request.hostname or "", os.getpid(), nonce(6),
+                     ticket, task.name, round(time.time(), 3), tags])
 
 
 def store_of(app: Any) -> Store:
@@ -334,10 +343,10 @@ def admit(task: Any, request: Any, store: Store, plan: Plan, headers: dict[str, 
     slots = with_home(store, plan, home)
     first = headers.get(HEADER_FIRST_DEFERRED)
     order_ms = int(float(first) * 1000) if isinstance(first, (int, float)) else 0
-    new_ticket = ticket or uuid.uuid4().hex[:16]
+    new_ticket = ticket or nonce(8)
 
     policy = policy_of(headers) if not ticket else "wait"  # a woken copy's run already waited
-    place = replace(plan.place(order_ms, priority_of(headers)), replace=policy == "keep_latest")
+    place = plan.place(order_ms, priority_of(headers), replace=policy == "keep_latest")
 
     def attempt(message: str, primary: int = plan.primary) -> AcquireResult:
         return store.acquire(slots, request.id, token, ticket=ticket, new_ticket=new_ticket,

@@ -10,6 +10,7 @@ state spreads across masters instead of piling onto one.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple, Optional
 from urllib.parse import quote, unquote
 
@@ -36,8 +37,13 @@ def memo_role(task_id: str) -> str:
     return f"x:{enc(task_id)}"
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
 def enc(part: str) -> str:
     """Percent-encode everything but ``[A-Za-z0-9_.~-]``: injective and brace-free."""
+    if _UNRESERVED.fullmatch(part):
+        return part  # what quote() returns for it, at a fraction of its cost (every run)
     return quote(part, safe="")
 
 

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -146,7 +145,7 @@ class _Wait:
         if gate.hold_observers:
             gate.observe("pause", self.task, holding.token)
         wait_token = json.dumps([self.request.id, self.request.hostname or "", os.getpid(),
-                                 uuid.uuid4().hex[:12], holding.ticket], separators=(",", ":"))
+                                 gate.nonce(6), holding.ticket], separators=(",", ":"))
         heartbeat.remove(holding)
         waiting = Holding(store=self.store, owner=self.request.id, token=wait_token,
                           task_name=self.task.name, slots=holding.slots, role="wait",
