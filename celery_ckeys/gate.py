@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -29,6 +30,7 @@ from typing import Any, Callable, NoReturn, Optional
 from celery import states
 from celery.app.task import Context
 from celery.exceptions import Ignore, Reject, Retry
+from celery.signals import task_postrun
 
 from . import conflict, handoff, metrics, signals
 from .admission import Plan, RunSpec, plan_for, slot_for_tag
@@ -262,6 +264,8 @@ def with_home(store: Store, plan: Plan, home: Optional[str]) -> tuple[Slot, ...]
 
 def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Execute ``task``'s body under its units (see the module docstring)."""
+    if _releasing:
+        finish_release()  # never two in flight in one thread, whatever ran in between
     request = task.request
     headers = headers_of(request)
     store = store_of(task.app)
@@ -297,7 +301,8 @@ def run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             # no memo for a requeued stay (its message, ticket and all, is delivered again),
             # nor for one that ends its process: a release queued for the background would
             # write it after the main process cleared it for the redelivery
-            release(task, active.holding, reason="finished", memo=not (requeued or abrupt))
+            release(task, active.holding, reason="finished", memo=not (requeued or abrupt),
+                    later=final)
 
 
 def leave_home(task: Any, request: Any, store: Store, headers: dict[str, Any]) -> None:
@@ -531,11 +536,16 @@ def defer(task: Any, request: Any, config: CkeysConfig, *, blocked_by: str, hold
     raise Ignore(f"deferred: {blocked_by} is busy")
 
 
-def release(task: Any, holding: Holding, *, reason: str, memo: bool = True) -> None:
+def release(task: Any, holding: Holding, *, reason: str, memo: bool = True,
+            later: bool = False) -> None:
     """Give back every unit of ``holding``, in the process that took them only.
 
     A release that fails because Redis is unreachable is retried in the background until
     Redis answers, so the units come free then rather than when their lease runs out.
+
+    ``later``: the run ended in a state Celery stores next; its release is sent now and its
+    reply read once Celery has stored the result (``task_postrun``, ``finish_release``), so
+    that the two round trips overlap (``Store.release_later``).
     """
     if holding.pid != os.getpid():
         return  # a process forked by the task body: the units are its parent's
@@ -550,15 +560,40 @@ def release(task: Any, holding: Holding, *, reason: str, memo: bool = True) -> N
         if signals.slots_released.receivers:
             signals.slots_released.send(sender=task, task_id=holding.owner,
                                         slots=[s.label for s in holding.slots], reason=reason)
-    try:
-        holding.store.release(holding.slots, holding.owner, holding.token,
-                              holding.ticket if memo else "")
-    except CoordinationUnavailable as exc:
-        release_log.error("run %s could not release its slots yet (%s); retrying in the"
-                          " background", holding.owner, describe(exc))
-        heartbeat.release(holding if memo else replace(holding, ticket=""), on_done)
-        return
-    on_done()
+    ticket = holding.ticket if memo else ""
+
+    def finish(reply: Callable[[], int]) -> None:
+        try:
+            reply()
+        except CoordinationUnavailable as exc:
+            release_log.error("run %s could not release its slots yet (%s); retrying in the"
+                              " background", holding.owner, describe(exc))
+            heartbeat.release(holding if memo else replace(holding, ticket=""), on_done)
+            return
+        on_done()
+    args = (holding.slots, holding.owner, holding.token, ticket)
+    if later:
+        try:
+            _releasing[threading.get_ident()] = partial(finish, holding.store.release_later(*args))
+            return
+        except CoordinationUnavailable:
+            pass  # not even sent: the same as a release that fails now, below
+    finish(partial(holding.store.release, *args))
+
+
+#: The release each thread sent and has not read the reply of yet (``release(later=True)``).
+_releasing: dict[int, Callable[[], None]] = {}
+# a forked child's connections are its own: a reply its parent awaits is not its to read
+os.register_at_fork(after_in_child=_releasing.clear)
+
+
+@task_postrun.connect(weak=False, dispatch_uid="celery_ckeys.finish_release")
+def finish_release(**_: Any) -> None:
+    """Read the reply of the release this thread's run sent before Celery stored its result
+    (Celery sends ``task_postrun`` in a ``finally``, in the run's thread, on every path)."""
+    pending = _releasing.pop(threading.get_ident(), None)
+    if pending is not None:
+        pending()
 
 
 # -- the worker's main process: runs whose pool process is gone, and copies Celery drops ------

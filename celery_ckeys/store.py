@@ -232,22 +232,32 @@ class _Direct:
         self._kept: list[Any] = []
 
     def send(self, args: Sequence[Any]) -> Any:
+        return self.send_later(args)()
+
+    def send_later(self, args: Sequence[Any]) -> Callable[[], Any]:
+        """Send the command now; the function returned reads its reply. The connection is
+        out of the list until then, so nothing else reads that reply as its own."""
         if self._pool is None:
             raise _Unpooled
-        conn = None
+        conn = self._take()
         try:
-            conn = self._take()
             conn.send_command(*args)
-            return conn.read_response()
-        except redis.ResponseError:
-            raise  # an error reply, read whole: the connection is in step
         except BaseException:
-            if conn is not None:
-                conn.disconnect()  # connects again on its next command
+            conn.disconnect()  # connects again on its next command
+            self._give(conn)
             raise
-        finally:
-            if conn is not None:
+
+        def reply() -> Any:
+            try:
+                return conn.read_response()
+            except redis.ResponseError:
+                raise  # an error reply, read whole: the connection is in step
+            except BaseException:
+                conn.disconnect()
+                raise
+            finally:
                 self._give(conn)
+        return reply
 
     def _take(self) -> Any:
         try:
@@ -559,6 +569,40 @@ class Store:
     def release(self, slots: Sequence[Slot], who: str, token: str, ticket: str = "") -> int:
         """The run's own end: free its units (token ``token``); a ticketed run leaves a memo."""
         return self._release("normal", slots, who, token, ticket)
+
+    def release_later(self, slots: Sequence[Slot], who: str, token: str,
+                      ticket: str = "") -> Callable[[], int]:
+        """``release``, its reply read when the function returned is called (it returns
+        what ``release`` would). The hot path's ``unlock.lua`` is sent now, so that the
+        caller's own round trip (Celery storing the result) overlaps Redis's answer;
+        Redis runs it before any command sent after it on the same server (protocol.md
+        section 6.2). Any other release (several slots, Cluster, no kept connection) is
+        done before this returns."""
+        def now() -> Callable[[], int]:
+            freed = self.release(slots, who, token, ticket)
+            return lambda: freed
+        if not self._simple(slots):
+            return now()
+        name, keys, args = self._release_call("normal", slots, who, token, ticket)
+        sha = self._script(name).sha  # after a fork, the client and its connections anew
+        try:
+            reply = self._direct.send_later(("EVALSHA", sha, len(keys), *keys, *args))
+        except (_Unpooled, redis.ConnectionError, redis.TimeoutError):
+            return now()  # Cluster, Sentinel or a broken connection: the client's way
+        except REDIS_ERRORS as exc:
+            raise self._unavailable(exc) from None
+
+        def finish() -> int:
+            try:
+                raw = reply()
+            except (redis.exceptions.NoScriptError, redis.ConnectionError, redis.TimeoutError):
+                # Redis restarted, or the reply was lost: once more, the synchronous way
+                # (unlock.lua run twice frees once: the second finds the token gone)
+                return self.release(slots, who, token, ticket)
+            except REDIS_ERRORS as exc:
+                raise self._unavailable(exc) from None
+            return self._released((name, keys, args), raw, "normal", slots, who, token, ticket)
+        return finish
 
     def release_lost(self, slots: Sequence[Slot], who: str, prefix: str) -> int:
         """Free what a pool process that is gone held or waited on (tokens starting ``prefix``)."""

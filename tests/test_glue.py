@@ -144,3 +144,35 @@ def test_two_in_thread_workers_of_one_process_add_up_in_the_registry(app: Celery
     finally:
         test_worker_stopped.send(sender=app, worker=second)
     wait_until(lambda: concurrency() == 4, 15, message="the session worker's entry alone")
+
+
+def test_a_runs_release_overlaps_the_result_store_and_its_reply_is_read_after_it(
+        app: Celery) -> None:
+    """The run's end on its key sends the release before Celery stores the result and reads
+    its reply after (one round trip fewer on the run's path): ``slots_released``, sent once
+    the reply is in, sees the result stored; the key is free by the time the result is
+    visible; no reply is left unread in the worker's threads."""
+    from celery.result import AsyncResult
+
+    from celery_ckeys import gate
+    from celery_ckeys.signals import slots_released
+
+    seen: dict[str, str] = {}
+
+    def on_released(sender: Any = None, task_id: str = "", **_: Any) -> None:
+        seen[task_id] = AsyncResult(task_id, app=app).state
+
+    slots_released.connect(on_released, weak=False)
+    try:
+        work = app.tasks["ckt.work"]
+        results = [work.apply_async(([f"o{i}"],), concurrency_key=f"overlap:{i}") for i in range(4)]
+        for r in results:
+            r.get(timeout=30)
+        store = store_for(get_config(app))
+        for i in range(4):
+            assert store.holders_of(store.names.key(f"overlap:{i}")) == []
+        wait_until(lambda: len(seen) == 4, timeout=10, message="slots_released not sent")
+        assert seen == {r.id: "SUCCESS" for r in results}
+        assert not gate._releasing
+    finally:
+        slots_released.disconnect(on_released)

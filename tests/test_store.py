@@ -155,6 +155,39 @@ def test_a_runs_end_on_full_slots_leaves_nothing_and_spares_a_co_holder(store: S
     assert list(env.client.scan_iter(match=f"ckeys:{{{env.names.ns}|*")) == []
 
 
+def test_a_release_sent_before_its_reply_is_read_frees_once_and_crosses_no_reply(
+        store: Store) -> None:
+    """``release_later`` (the run's end, its reply read after Celery stores the result): the
+    store's other commands meanwhile get their own replies, not the pending one; the reply,
+    read later, counts what was freed; a slot somebody waits on is freed the long way and
+    wakes them; after a Redis script flush the release still frees (NOSCRIPT, once more)."""
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    s = slots(store, key="later")
+    units = s[0].key("h")
+    a = token("a")
+    assert store.acquire(s, "a", a).ok
+    finish = store.release_later(s, "a", a)
+    other = slots(store, key="other")
+    assert store.acquire(other, "b", token("b")).ok  # its own reply, not the pending one
+    assert finish() == 1
+    assert not store.client.exists(units)
+    assert store.holders_of(other[0].tag) == ["b"]
+
+    c = token("c")
+    assert store.acquire(s, "c", c).ok
+    assert store.acquire(s, "d", token("d"), new_ticket="td", message="m").parked
+    finish = store.release_later(s, "c", c)
+    assert finish() == 1
+    assert [w.ticket for w in woken] == ["td"], "the waiting run was not woken"
+
+    e = token("e")
+    assert store.acquire(slots(store, key="flush"), "e", e).ok
+    store.client.script_flush()
+    assert store.release_later(slots(store, key="flush"), "e", e)() == 1
+    assert store.holders_of(slots(store, key="flush")[0].tag) == []
+
+
 def test_a_redelivered_run_admitted_clears_the_deferral_record_its_first_copy_left(
         store: Store) -> None:
     """A run deferred by countdown whose retry was never published (the publish failed, so
