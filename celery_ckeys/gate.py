@@ -13,6 +13,8 @@ Flow of one run (``KeyedTask.__call__`` calls ``run``; docs/protocol.md):
    ``self.retry()``, ``Reject``, ``Ignore`` and soft time limits pass through it. When the
    pool process dies instead (SIGKILL, hard time limit, revoke with terminate), the
    worker's main process releases once the process is gone (``release_lost``).
+   After a body that returned or raised, the release's reply is read in ``task_postrun``,
+   once Celery has stored the result (``release(later=True)``, protocol.md section 6.2).
 """
 
 from __future__ import annotations
