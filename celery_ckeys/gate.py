@@ -243,6 +243,12 @@ def hold_token(task: Any, request: Any, ticket: str, tags: list[str]) -> str:
                      ticket, task.name, round(time.time(), 3), tags])
 
 
+def wait_token(request: Any, ticket: str) -> str:
+    """A token unique to one wait in ``wait_for``; release-by-pid reads it as it reads a
+    hold token (its first three fields)."""
+    return _compact([request.id, request.hostname or "", os.getpid(), nonce(6), ticket])
+
+
 def store_of(app: Any) -> Store:
     """The app's store, ready to publish the runs a handoff wakes."""
     store = store_for(get_config(app))

@@ -19,9 +19,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import replace
 from typing import Any, Optional
@@ -144,8 +142,7 @@ class _Wait:
         holding = self.active.holding
         if gate.hold_observers:
             gate.observe("pause", self.task, holding.token)
-        wait_token = json.dumps([self.request.id, self.request.hostname or "", os.getpid(),
-                                 gate.nonce(6), holding.ticket], separators=(",", ":"))
+        wait_token = gate.wait_token(self.request, holding.ticket)
         heartbeat.remove(holding)
         waiting = Holding(store=self.store, owner=self.request.id, token=wait_token,
                           task_name=self.task.name, slots=holding.slots, role="wait",
