@@ -570,23 +570,34 @@ def release(task: Any, holding: Holding, *, reason: str, memo: bool = True,
                                         slots=[s.label for s in holding.slots], reason=reason)
     ticket = holding.ticket if memo else ""
 
+    def unreleased(exc: CoordinationUnavailable) -> None:
+        release_log.error("run %s could not release its slots yet (%s); retrying in the"
+                          " background", holding.owner, describe(exc))
+        heartbeat.release(holding if memo else replace(holding, ticket=""), on_done)
+
     def finish(reply: Callable[[], int]) -> None:
         try:
             reply()
         except CoordinationUnavailable as exc:
-            release_log.error("run %s could not release its slots yet (%s); retrying in the"
-                              " background", holding.owner, describe(exc))
-            heartbeat.release(holding if memo else replace(holding, ticket=""), on_done)
+            unreleased(exc)
             return
+        except Exception:
+            # interrupted while it read the reply (a soft time limit in task_postrun): the
+            # release may not have run; the background one matches the token, so a release
+            # that did run frees nothing twice
+            heartbeat.release(holding if memo else replace(holding, ticket=""), on_done)
+            raise
         on_done()
     args = (holding.slots, holding.owner, holding.token, ticket)
-    if later:
-        try:
-            _releasing[threading.get_ident()] = partial(finish, holding.store.release_later(*args))
-            return
-        except CoordinationUnavailable:
-            pass  # not even sent: the same as a release that fails now, below
-    finish(partial(holding.store.release, *args))
+    if not later:
+        finish(partial(holding.store.release, *args))
+        return
+    if threading.get_ident() in _releasing:
+        finish_release()  # one pending reply per thread: the one before is read first
+    try:
+        _releasing[threading.get_ident()] = partial(finish, holding.store.release_later(*args))
+    except CoordinationUnavailable as exc:
+        unreleased(exc)  # release_later tried the synchronous way already
 
 
 #: The release each thread sent and has not read the reply of yet (``release(later=True)``).

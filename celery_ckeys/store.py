@@ -538,12 +538,14 @@ class Store:
     def _release_call(self, mode: str, slots: Sequence[Slot], who: str, token: str, ticket: str,
                       *, lite: bool = True) -> tuple[str, list[str], list[Any]]:
         """The script call that releases. A run's own end tries a bare script first:
-        ``unlock.lua`` on a simple slot (two keys of ``_keys``' layout), ``give.lua`` on
-        full slots when it carries no ticket (six keys a slot); else ``release.lua``."""
+        ``unlock.lua`` on a simple slot, ``give.lua`` on full slots when it carries no
+        ticket (both six keys a slot of ``_keys``' layout, unlock.lua the memo key too);
+        else ``release.lua``."""
         if lite and mode == "normal" and self._simple(slots):
             tag = slots[0].tag
-            return ("unlock", [Names.redis_key(tag, UNITS), Names.redis_key(tag, memo_role(who))],
-                    [token, ticket, self.config.copy_ttl_ms, self._lease])
+            return ("unlock", [*(Names.redis_key(tag, SLOT_ROLES[role]) for role in GIVE_ROLES),
+                               Names.redis_key(tag, memo_role(who))],
+                    [token, ticket, self.config.copy_ttl_ms, self._lease, who])
         keys, specs, index_at = self._keys(slots, who)
         if lite and mode == "normal" and not ticket:
             return ("give", [keys[j * len(SLOT_ROLES) + role] for j in range(len(slots))

@@ -188,6 +188,77 @@ def test_a_release_sent_before_its_reply_is_read_frees_once_and_crosses_no_reply
     assert store.holders_of(slots(store, key="flush")[0].tag) == []
 
 
+def test_a_key_a_run_was_deferred_on_is_freed_by_the_release_sent_not_by_a_later_one(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run deferred by countdown on a held key leaves nobody waiting, but its look made the
+    slot full (a sorted set). The release the run's end sends frees it by itself: nothing is
+    left for the reply's reading, which comes after Celery stored the result, when a client
+    that has the result may enqueue the key's next run (review finding: unlock.lua answered
+    -1 and left the release to release.lua, sent only once the reply was read)."""
+    s = slots(store, key="deferred-on")
+    a = token("a")
+    assert store.acquire(s, "a", a).ok
+    assert not store.acquire(s, "b", token("b")).ok  # countdown: deferred, nobody in line
+    assert store.client.type(s[0].key(UNITS)) == b"zset"
+    called: list[str] = []
+    call = store.call
+    monkeypatch.setattr(store, "call", lambda name, *rest: called.append(name) or call(name, *rest))
+    finish = store.release_later(s, "a", a)
+    assert finish() == 1
+    assert "release" not in called, called
+    assert not store.client.exists(s[0].key(UNITS), s[0].key("i"))
+    assert store.acquire(s, "c", token("c")).ok
+
+
+def test_a_second_release_sent_in_one_thread_reads_the_first_ones_reply_first(
+        store: Store) -> None:
+    """Two runs' ends in one thread before a task_postrun (a pool whose greenlets share a
+    thread id, a body re-entering the gate): the first pending reply is read when the second
+    release is sent, not dropped, so the run parked behind the first is woken."""
+    from types import SimpleNamespace
+
+    from celery_ckeys import gate
+    from celery_ckeys.heartbeat import Holding
+
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    sx, sy = slots(store, key="ox"), slots(store, key="oy")
+    ax, ay = token("ax"), token("ay")
+    assert store.acquire(sx, "ax", ax).ok and store.acquire(sy, "ay", ay).ok
+    assert store.acquire(sx, "bx", token("bx"), new_ticket="tb", message="m").parked
+    task = SimpleNamespace(name="t")
+    for who, tok, s in (("ax", ax, sx), ("ay", ay, sy)):
+        holding = Holding(store=store, owner=who, token=tok, task_name="t", slots=tuple(s))
+        gate.release(task, holding, reason="finished", later=True)
+    gate.finish_release()
+    assert not gate._releasing
+    assert store.holders_of(sy[0].tag) == []
+    assert [w.ticket for w in woken] == ["tb"], "the first run's release was dropped"
+
+
+def test_a_release_that_cannot_be_sent_tries_once_then_goes_to_the_background(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis unreachable at a run's end: one synchronous attempt (release_later's own, after
+    the send failed), then the background retry; the gate does not try a second time."""
+    from types import SimpleNamespace
+
+    from celery_ckeys import gate
+    from celery_ckeys.heartbeat import Holding, heartbeat
+
+    down = Store(from_conf({"ckeys_redis_url": "redis://127.0.0.1:1/0"}, default_namespace="od"))
+    s = plan_for(down.config, RunSpec(task_name="t", key="x")).slots
+    attempts: list[str] = []
+    release = Store.release
+    monkeypatch.setattr(Store, "release",
+                        lambda self, *a, **k: attempts.append("now") or release(self, *a, **k))
+    monkeypatch.setattr(heartbeat, "release", lambda holding, on_done: attempts.append("background"))
+    holding = Holding(store=down, owner="a", token=token("a"), task_name="t", slots=tuple(s))
+    gate.release(SimpleNamespace(name="t"), holding, reason="finished", later=True)
+    assert attempts == ["now", "background"]
+    assert not gate._releasing
+    down.close()
+
+
 def test_a_redelivered_run_admitted_clears_the_deferral_record_its_first_copy_left(
         store: Store) -> None:
     """A run deferred by countdown whose retry was never published (the publish failed, so
@@ -1076,7 +1147,9 @@ def test_each_script_carries_only_the_library_it_uses(redis_server: RedisServer)
     client = redis.Redis(port=redis_server.port)
     for name in SCRIPTS:
         client.script_load(script_source(name))
-    assert "local function" not in script_source("give"), "a bare script got the library"
+    for bare in ("give", "unlock"):  # the one helper they name, nothing else
+        assert script_source(bare).count("local function") == 1, f"{bare}.lua got the library"
+        assert script_source(bare).startswith("local function give_own(")
     take_src = script_source("take")
     assert "local function resolve_all(" in take_src and "local function key(" in take_src
     assert "local function refill(" not in take_src, "take.lua got lib.lua's line helpers"

@@ -39,6 +39,25 @@ local function now_ms()
   return NOW
 end
 
+-- A run's own end frees its unit of a full slot nobody waits on (give.lua, unlock.lua: the
+-- caller made sure of both). A units key that empties is gone with its last member; its info
+-- goes with it (settle's rule). No TTL is touched: every write that added or renewed a unit
+-- set h and i to outlive it. The first two members tell whether this run's unit is the last
+-- one (the uncontended end: one DEL for both keys) or whether h outlives it (a marker sorts
+-- first).
+local function give_own(h, i, who)
+  local first = redis.call("ZRANGE", h, 0, 1)
+  if #first == 1 and first[1] == who then
+    redis.call("DEL", h, i)
+  else
+    redis.call("ZREM", h, who)
+    redis.call("HDEL", i, who, "n:" .. who)
+    if #first == 0 then -- its unit was gone already (pruned): only the info was left
+      redis.call("DEL", i)
+    end
+  end
+end
+
 -- The queue-limit rule (docs/protocol.md section 1; LimitSpec.resolve in limits.py is the
 -- same rule and a property test keeps them equal). A spec is
 --   "=N"                 a fixed limit N (a key mutex, the environment)

@@ -1,5 +1,5 @@
 -- give.lua: lite release, a run's own end on full slots when nobody waits on any of them.
--- docs/protocol.md section 6.2. It names nothing of the library, so it is loaded alone.
+-- docs/protocol.md section 6.2. It names only core.lua's give_own, so it is loaded with that.
 --
 -- KEYS  per slot j = 1..n, six keys (KEYS[6j-5..6j]): its units (H), info (I), line (P),
 --       messages (M), resume order (R) and wait tokens (V)
@@ -30,21 +30,7 @@ for j = 1, n do
     return -1
   end
 end
--- A units key that empties is gone with its last member; its info goes with it (settle's
--- rule). No TTL is touched: every write that added or renewed a unit set h and i to
--- outlive it. The first two members tell whether this run's unit is the last one (the
--- uncontended end: one DEL for both keys) or whether h outlives it (a marker sorts first).
 for _, j in ipairs(mine) do
-  local h, i = KEYS[6 * j - 5], KEYS[6 * j - 4]
-  local first = redis.call("ZRANGE", h, 0, 1)
-  if #first == 1 and first[1] == who then
-    redis.call("DEL", h, i)
-  else
-    redis.call("ZREM", h, who)
-    redis.call("HDEL", i, who, "n:" .. who)
-    if #first == 0 then -- its unit was gone already (pruned): only the info was left
-      redis.call("DEL", i)
-    end
-  end
+  give_own(KEYS[6 * j - 5], KEYS[6 * j - 4], who)
 end
 return #mine
