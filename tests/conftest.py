@@ -35,6 +35,9 @@ import workerapp  # noqa: E402
 __all__ = ["TESTS", "Env", "Workers", "seed_holder", "wait_until"]
 
 _db_numbers = itertools.count(1)
+#: a shared broker outlives the session: a queue named as a test of an earlier session
+#: (killed, or stopped with messages left) would hand its messages to this one's workers
+_SESSION = os.urandom(3).hex()
 
 #: ``CKEYS_TEST_BROKER=amqp://guest@127.0.0.1//`` runs the worker tests on that broker
 #: (RabbitMQ, say), each test on a queue of its own; results and coordination stay on the
@@ -114,7 +117,8 @@ class Env:
         self.coordination = coordination or server
         self._redis_url = redis_url
         # a shared broker: the workers of one test must not take another test's messages
-        self.conf: dict[str, Any] = {"task_default_queue": self.namespace} if TEST_BROKER else {}
+        self.conf: dict[str, Any] = (
+            {"task_default_queue": f"{self.namespace}-{_SESSION}"} if TEST_BROKER else {})
         self._apps: list[Any] = []
         self.groups: list[Workers] = []
         #: the test whose report shows the workers' logs when it fails
@@ -173,6 +177,10 @@ class Env:
     def max(self, label: str) -> int:
         return int(self.redis.hget(f"probe:{self.namespace}:max", label) or 0)
 
+    def running(self, label: str) -> int:
+        """How many runs with ``label`` are in their bodies now."""
+        return int(self.redis.hget(f"probe:{self.namespace}:cur", label) or 0)
+
     def log(self) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.redis.lrange(f"probe:{self.namespace}:log", 0, -1)]
 
@@ -206,6 +214,9 @@ class Env:
     def close(self) -> None:
         for group in self.groups:
             group.stop(kill=True)
+        if TEST_BROKER and self._apps:  # the broker outlives the test: so would its queue
+            with self._apps[0].connection_for_write() as conn:
+                conn.default_channel.queue_delete(self.conf["task_default_queue"])
         # app.close() only drops the app's pools: their sockets, and the result backend's,
         # would stay open to the shared redis-server until the process ends
         for app in self._apps:

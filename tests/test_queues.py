@@ -132,8 +132,7 @@ def test_environment_limit_with_burst(env: Env) -> None:
                for _ in range(3) for q in ("q1", "q2", "q3")]
     # held until the burst is full: with runs of a fixed length, whether two runs of one
     # queue ever overlapped was up to the host's load (so, with three queues, is which two)
-    running = f"probe:{env.namespace}:cur"
-    wait_until(lambda: int(env.redis.hget(running, "env:all") or 0) == 4, 60,
+    wait_until(lambda: env.running("env:all") == 4, 60,
                message="four runs at once, the burst")
     env.open_gate("env")
     for r in results:
@@ -255,13 +254,14 @@ def test_bad_queues_raise_value_error_before_publishing(env: Env, bad: object) -
 
 
 def test_workers_are_tuned_for_keyed_tasks(env: Env) -> None:
-    env.workers(count=1, concurrency=2)
+    group = env.workers(count=1, concurrency=2)
     app = env.app()
-    (reply,) = app.control.inspect(timeout=5).conf().values()
+    # (a shared broker's broadcast reaches every test's workers)
+    (reply,) = app.control.inspect(timeout=5, destination=group.names).conf().values()
     assert reply["worker_prefetch_multiplier"] == 1
     # what the consumer really asks of the broker: one message per process (`celery worker`
     # reads the multiplier into its command-line option before celeryd_init can change it)
-    (stats,) = app.control.inspect(timeout=5).stats().values()
+    (stats,) = app.control.inspect(timeout=5, destination=group.names).stats().values()
     assert stats["prefetch_count"] == 2
     if "worker_eta_task_limit" in app.conf:
         assert reply["worker_eta_task_limit"] == 1000

@@ -75,8 +75,7 @@ def test_environment_limit_on_a_cluster(cluster_env: Env) -> None:
                for _ in range(3) for q in ("q1", "q2", "q3")]
     # they hold until the burst is full (a fixed duration left whether two runs of one queue
     # ever overlapped to the host's load): the namespace takes 2 x 2, no queue more than 2
-    running = f"probe:{env.namespace}:cur"
-    wait_until(lambda: int(env.redis.hget(running, "env:all") or 0) == 4, 60,
+    wait_until(lambda: env.running("env:all") == 4, 60,
                message="four runs at once, the burst")
     env.open_gate("env")
     for r in results:
