@@ -288,6 +288,8 @@ class Store:
         self._client: Any = None
         self._pid = 0
         self._scripts: dict[str, Any] = {}
+        #: the scripts this process has had a reply of: Redis has them (until it restarts)
+        self._answered: set[str] = set()
         self._lock = threading.Lock()
         self._direct = _Direct(None)
         #: publishes woken runs (set by the Celery glue, which has the app)
@@ -586,6 +588,13 @@ class Store:
         if not self._simple(slots):
             return now()
         name, keys, args = self._release_call("normal", slots, who, token, ticket)
+        if name not in self._answered:
+            # this process's first: Redis may not have the script yet, and its NOSCRIPT would
+            # be seen only when the reply is read, after the result store; the synchronous
+            # way loads it
+            done = now()
+            self._answered.add(name)
+            return done
         sha = self._script(name).sha  # after a fork, the client and its connections anew
         try:
             reply = self._direct.send_later(("EVALSHA", sha, len(keys), *keys, *args))

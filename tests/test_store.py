@@ -188,6 +188,23 @@ def test_a_release_sent_before_its_reply_is_read_frees_once_and_crosses_no_reply
     assert store.holders_of(slots(store, key="flush")[0].tag) == []
 
 
+def test_a_processs_first_release_is_done_before_it_returns(redis_server: RedisServer) -> None:
+    """The first release a process sends may meet a Redis without the script (a fresh one,
+    or restarted): its NOSCRIPT, seen only when the reply is read after the result store,
+    would leave the key held that long. The first is synchronous; the next ones are sent."""
+    st = make(redis_server.url, "single", namespace="first-release")
+    st.client.script_flush()
+    s = slots(st, key="first")
+    a, b = token("a"), token("b")
+    assert st.acquire(s, "a", a).ok  # a bare SET: no script yet
+    finish = st.release_later(s, "a", a)
+    assert not st.client.exists(s[0].key(UNITS)), "freed only when the reply is read"
+    assert finish() == 1
+    assert st.acquire(s, "b", b).ok
+    assert st.release_later(s, "b", b)() == 1
+    st.close()
+
+
 def test_a_key_a_run_was_deferred_on_is_freed_by_the_release_sent_not_by_a_later_one(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run deferred by countdown on a held key leaves nobody waiting, but its look made the
