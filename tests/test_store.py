@@ -227,12 +227,15 @@ def test_a_key_a_run_was_deferred_on_is_freed_by_the_release_sent_not_by_a_later
     assert store.acquire(s, "c", token("c")).ok
 
 
+class _Task:
+    name = "t"
+
+
 def test_a_second_release_sent_in_one_thread_reads_the_first_ones_reply_first(
         store: Store) -> None:
     """Two runs' ends in one thread before a task_postrun (a pool whose greenlets share a
     thread id, a body re-entering the gate): the first pending reply is read when the second
     release is sent, not dropped, so the run parked behind the first is woken."""
-    from types import SimpleNamespace
 
     from celery_ckeys import gate
     from celery_ckeys.heartbeat import Holding
@@ -243,7 +246,7 @@ def test_a_second_release_sent_in_one_thread_reads_the_first_ones_reply_first(
     ax, ay = token("ax"), token("ay")
     assert store.acquire(sx, "ax", ax).ok and store.acquire(sy, "ay", ay).ok
     assert store.acquire(sx, "bx", token("bx"), new_ticket="tb", message="m").parked
-    task = SimpleNamespace(name="t")
+    task = _Task()  # a signal's sender: hashable
     for who, tok, s in (("ax", ax, sx), ("ay", ay, sy)):
         holding = Holding(store=store, owner=who, token=tok, task_name="t", slots=tuple(s))
         gate.release(task, holding, reason="finished", later=True)
@@ -257,7 +260,6 @@ def test_a_release_that_cannot_be_sent_tries_once_then_goes_to_the_background(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Redis unreachable at a run's end: one synchronous attempt (release_later's own, after
     the send failed), then the background retry; the gate does not try a second time."""
-    from types import SimpleNamespace
 
     from celery_ckeys import gate
     from celery_ckeys.heartbeat import Holding, heartbeat
@@ -270,7 +272,7 @@ def test_a_release_that_cannot_be_sent_tries_once_then_goes_to_the_background(
                         lambda self, *a, **k: attempts.append("now") or release(self, *a, **k))
     monkeypatch.setattr(heartbeat, "release", lambda holding, on_done: attempts.append("background"))
     holding = Holding(store=down, owner="a", token=token("a"), task_name="t", slots=tuple(s))
-    gate.release(SimpleNamespace(name="t"), holding, reason="finished", later=True)
+    gate.release(_Task(), holding, reason="finished", later=True)
     assert attempts == ["now", "background"]
     assert not gate._releasing
     down.close()
