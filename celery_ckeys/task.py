@@ -9,6 +9,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery import Task
+from celery.exceptions import Ignore
 from celery.worker.request import Request
 
 from . import gate
@@ -149,7 +150,17 @@ class KeyedTask(Task):  # type: ignore[misc]
         if request.is_eager:
             # task_always_eager / .apply(): the body runs without coordination (SPEC 4.11)
             return self.run(*args, **kwargs)
-        return gate.run(self, args, kwargs)
+        try:
+            return gate.run(self, args, kwargs)
+        except Ignore as exc:
+            if type(exc) is not Ignore:
+                raise
+            why = exc.args
+        # Raised again here, outside the handler: Celery builds an ExceptionInfo of an Ignore
+        # twice, formats it and pickles it to the main process, at a cost per frame of its
+        # traceback, and every parked, deferred or dropped copy ends this way. From this
+        # frame the traceback is two frames deep instead of the gate's six or more.
+        raise Ignore(*why)
 
     def throttle(self, seconds: float) -> float:
         """Start no new run of this run's partition (or queue) for ``seconds``.

@@ -176,3 +176,45 @@ def test_a_runs_release_overlaps_the_result_store_and_its_reply_is_read_after_it
         assert not gate._releasing
     finally:
         slots_released.disconnect(on_released)
+
+
+def test_a_delivery_the_gate_ends_ends_with_an_ignore_two_frames_deep(
+        app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery builds an ExceptionInfo of every Ignore twice, formats it and pickles it to the
+    main process, at a cost per frame of its traceback (over a millisecond on Python 3.11),
+    and every parked, deferred or dropped copy ends with one: the gate's is raised from
+    ``KeyedTask.__call__``, right under Celery's own frame; so is a body's own ``Ignore``,
+    which still stores nothing."""
+    import json
+
+    from celery_ckeys.admission import RunSpec, plan_for
+    from celery_ckeys.task import KeyedRequest
+
+    seen: dict[str, Any] = {}
+    original = KeyedRequest.on_failure
+
+    def spy(self: Any, exc_info: Any, *args: Any, **kwargs: Any) -> Any:
+        seen[self.id] = exc_info
+        return original(self, exc_info, *args, **kwargs)
+
+    monkeypatch.setattr(KeyedRequest, "on_failure", spy)
+    store = store_for(get_config(app))
+    plan = plan_for(store.config, RunSpec(task_name="ckt.work", key="shallow"))
+    assert plan is not None
+    holder = json.dumps(["outside", "host", 1, "n0", "", "ckt.work", 0, []])
+    assert store.acquire(plan.slots, "outside", holder).ok
+    try:
+        skipped = app.tasks["ckt.work"].apply_async((["s"],), concurrency_key="shallow",
+                                                   concurrency_policy="skip")
+        ignored = app.tasks["ckt.end"].apply_async(("ignore", ["i"]))
+        wait_until(lambda: skipped.id in seen and ignored.id in seen, timeout=20,
+                   message="the deliveries did not end")
+    finally:
+        store.release(plan.slots, "outside", holder)
+    assert skipped.state == "REVOKED"  # stored by the skip policy itself
+    assert ignored.state == "PENDING"
+    for result in (skipped, ignored):
+        end = seen[result.id]
+        assert type(getattr(end.exception, "exc", end.exception)).__name__ == "Ignore"
+        assert end.traceback.count('  File "') == 2, end.traceback
+        assert "celery_ckeys/task.py" in end.traceback.replace("\\", "/")
