@@ -547,7 +547,7 @@ class Store:
             tag = slots[0].tag
             return ("unlock", [*(Names.redis_key(tag, SLOT_ROLES[role]) for role in GIVE_ROLES),
                                Names.redis_key(tag, memo_role(who))],
-                    [token, ticket, self.config.copy_ttl_ms, self._lease, who])
+                    [token, ticket, self.config.copy_ttl_ms, who])
         keys, specs, index_at = self._keys(slots, who)
         if lite and mode == "normal" and not ticket:
             return ("give", [keys[j * len(SLOT_ROLES) + role] for j in range(len(slots))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -225,6 +226,57 @@ def test_a_key_a_run_was_deferred_on_is_freed_by_the_release_sent_not_by_a_later
     assert "release" not in called, called
     assert not store.client.exists(s[0].key(UNITS), s[0].key("i"))
     assert store.acquire(s, "c", token("c")).ok
+
+
+
+def test_the_end_of_a_run_whose_lease_ran_out_leaves_the_next_holders_lease_alone(
+        store: Store) -> None:
+    """A run whose lease ran out while it ran ends after another run took the key: the other
+    run's hold stays, with the expiry its own renewals gave it (review finding: unlock.lua
+    put it back with a whole new lease, an expiry renewed by someone who does not own it)."""
+    s = slots(store, key="lapsed")
+    units = s[0].key(UNITS)
+    a = token("a")
+    assert store.acquire(s, "a", a).ok
+    store.client.delete(units)  # a's lease ran out
+    d = token("d")
+    assert store.acquire(s, "d", d).ok
+    store.client.pexpire(units, 1500)  # d's last renewal was a while ago
+    assert store.release(s, "a", a) == 0
+    assert store.client.get(units) == d.encode()
+    assert 0 < store.client.pttl(units) <= 1500
+
+
+def test_a_runs_end_on_a_full_slot_where_a_unit_ran_out_is_left_to_the_full_release(
+        store: Store) -> None:
+    """A unit that ran out where no script saw it is pruned by the run's end, not left
+    beside it (review finding: unlock.lua freed only the run's own unit, and a lapsed
+    reservation's pending start kept counting against the slot's rate)."""
+    s = slots(store, key="ghost")
+    units, info = s[0].key(UNITS), s[0].key("i")
+    a = token("a")
+    assert store.acquire(s, "a", a).ok
+    assert not store.acquire(s, "b", token("b")).ok  # a sorted set now; nobody waits
+    store.client.zadd(units, {"ghost": 1})  # a reservation that ran out long ago
+    store.client.hset(info, "ghost", "@wt")
+    assert store.release(s, "a", a) == 1
+    assert not store.client.exists(units, info)
+
+
+def test_a_pending_start_whose_reservation_ran_out_does_not_hold_up_the_rate(
+        store: Store) -> None:
+    """A woken run's start counts against the rate (pending) only while its reservation
+    lives: one whose unit went without a script pruning it (an idle slot's units key expired
+    with it) lets the next run start, and the log expires again (review finding: it stayed
+    pending, without an expiry, and the rate admitted nobody ever again)."""
+    s = slots(store, queue=ConcurrencyQueue("RP", limit=2, rate="1/s"))
+    log = s[0].key("s")
+    store.client.zadd(log, {"ghost": 1e13 + store.now_ms()})
+    store.client.persist(log)
+    ok, _ = take(store, s, "d")
+    assert ok
+    assert store.client.zscore(log, "ghost") is None
+    assert store.client.pttl(log) > 0
 
 
 class _Task:
@@ -1166,10 +1218,11 @@ def test_each_script_carries_only_the_library_it_uses(redis_server: RedisServer)
     client = redis.Redis(port=redis_server.port)
     for name in SCRIPTS:
         client.script_load(script_source(name))
-    for bare in ("give", "unlock"):  # the one helper they name, nothing else
-        assert script_source(bare).count("local function") == 1, f"{bare}.lua got the library"
-        assert script_source(bare).startswith("local function give_own(")
+    # the helpers they name, nothing else
+    for bare, helpers in (("give", ["give_own"]), ("unlock", ["now_ms", "give_own"])):
+        assert re.findall(r"^local function (\w+)\(", script_source(bare), re.M) == helpers
     take_src = script_source("take")
     assert "local function resolve_all(" in take_src and "local function key(" in take_src
     assert "local function refill(" not in take_src, "take.lua got lib.lua's line helpers"
     assert "local LIM, USED" in take_src, "a multi-name definition was dropped"
+

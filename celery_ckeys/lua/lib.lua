@@ -114,6 +114,40 @@ local RATE_DUE = {} -- slot j -> when a run waiting for the rate may start
 -- its start) or its reservation goes (the entry goes too), so neither a slow claim nor a
 -- re-wake lets more than n begin in a window.
 local PENDING = 1e13
+
+-- Rates are N/s, N/m or N/h (validation.py): no rate's window is longer than an hour.
+local LONGEST_RATE_WINDOW = 3600000
+
+-- Once its last pending entry went, the log lives a window past now (every start in it is
+-- older). A call that sees no rate (cleared meanwhile, or a stale read under Cluster) gives
+-- it the longest window any rate can have: bounded, and never shorter than a live rate needs.
+local function rate_log_settle(j)
+  local log = key(j, S)
+  if redis.call("ZCOUNT", log, PENDING, "+inf") == 0 then
+    local window = RATE[j] and RATE[j][2] or LONGEST_RATE_WINDOW
+    redis.call("PEXPIRE", log, math.max(redis.call("PTTL", log), window))
+  end
+end
+
+-- A pending entry counts while its run's unit (the reservation) lives. One whose unit ran out
+-- where no script pruned it (a bare release, unlock.lua or give.lua, does not prune other
+-- runs' units; an idle slot's units key expires with them) started nothing: it goes, or a
+-- log that is never pending-free again would block the rate for good. Returns how many went.
+local function rate_drop_lapsed(j, log)
+  local dropped = 0
+  for _, who in ipairs(redis.call("ZRANGEBYSCORE", log, PENDING, "+inf")) do
+    local until_ = redis.pcall("ZSCORE", key(j, H), who)
+    if not until_ or (type(until_) ~= "table" and tonumber(until_) <= NOW) then
+      redis.call("ZREM", log, who)
+      dropped = dropped + 1
+    end
+  end
+  if dropped > 0 then
+    rate_log_settle(j)
+  end
+  return dropped
+end
+
 local function rate_room(j)
   local r = RATE[j]
   if not r then
@@ -122,6 +156,9 @@ local function rate_room(j)
   local log = key(j, S)
   redis.call("ZREMRANGEBYSCORE", log, "-inf", NOW - r[2])
   local n = redis.call("ZCARD", log)
+  if n >= r[1] then
+    n = n - rate_drop_lapsed(j, log)
+  end
   if n < r[1] then
     return r[1] - n, nil
   end
@@ -146,20 +183,6 @@ local function rate_woken(j, who)
   if RATE[j] then
     redis.call("ZADD", key(j, S), PENDING + NOW, who)
     redis.call("PERSIST", key(j, S)) -- a pending entry lives as long as the reservation
-  end
-end
-
--- Rates are N/s, N/m or N/h (validation.py): no rate's window is longer than an hour.
-local LONGEST_RATE_WINDOW = 3600000
-
--- Once its last pending entry went, the log lives a window past now (every start in it is
--- older). A call that sees no rate (cleared meanwhile, or a stale read under Cluster) gives
--- it the longest window any rate can have: bounded, and never shorter than a live rate needs.
-local function rate_log_settle(j)
-  local log = key(j, S)
-  if redis.call("ZCOUNT", log, PENDING, "+inf") == 0 then
-    local window = RATE[j] and RATE[j][2] or LONGEST_RATE_WINDOW
-    redis.call("PEXPIRE", log, math.max(redis.call("PTTL", log), window))
   end
 end
 
