@@ -89,9 +89,11 @@ def test_a_total_limit_caps_every_partition_of_a_queue_together(env: Env) -> Non
     env.workers(count=2, concurrency=4)
     work = env.app().tasks["ckt.work"]
     pool = {"name": "pool", "limit": 2, "total_limit": 3}
-    # t1's runs first, so that two of them overlap whatever order the rest is served in
-    runs = [work.apply_async((["pool:t1", "pool:all"], 0.4), concurrency_queue=pool,
+    # t1's runs alone first, until two of them overlap: the rest, served in any order, could
+    # otherwise keep the total full whenever a second t1 run comes up
+    runs = [work.apply_async((["pool:t1", "pool:all"], 1.0), concurrency_queue=pool,
                              concurrency_key="t1") for _ in range(4)]
+    wait_until(lambda: env.max("pool:t1") >= 2, 60, message="two t1 runs at once")
     runs += [work.apply_async(([f"pool:{key}", "pool:all"], 0.4), concurrency_queue=pool,
                               concurrency_key=key) for _ in range(3) for key in ("t2", "t3")]
     runs += [work.apply_async((["pool:nokey", "pool:all"], 0.4), concurrency_queue=pool)
