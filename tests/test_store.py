@@ -743,6 +743,43 @@ def test_a_woken_run_counts_for_the_rate_until_its_copy_claims(store: Store) -> 
     assert store.acquire(s, "r3", token("r3")).rate_wait_ms > 0, "r1's start was not counted"
 
 
+def test_a_retry_woken_while_its_first_start_is_in_the_window_keeps_that_start(
+        store: Store) -> None:
+    """Review finding: a woken run's start was logged under its bare task id, the member of
+    its pending entry too; its retry (same id, a new stay) woken while that start was still
+    in the window overwrote it, and a fresh run started as a third in one window of 2/s."""
+    from celery_ckeys.contrib.testing import wait_until
+
+    woken: list[Wake] = []
+    store.on_wakes = woken.extend
+    s = slots(store, queue=ConcurrencyQueue("RT", limit=10, rate="2/s"), key="k")
+    log = s[0].key("s")
+    for who in ("A", "B"):
+        ok, held = take(store, s, who)
+        assert ok
+        store.release(s, who, held)
+    assert store.acquire(s, "T", token("T"), new_ticket="t1", message="m").parked
+    sweep_until_woken(store, s[0].tag, woken, "T woken once A and B leave the window")
+    ok, held = take(store, s, "E")  # the room the pending T leaves
+    assert ok
+    store.release(s, "E", held)
+    e_at = store.now_ms()
+    wait_until(lambda: store.now_ms() > e_at + 500, timeout=5, message="half a window")
+    ok, first = take(store, s, "T", ticket="t1", home=s[0].tag)
+    assert ok
+    t_at = store.now_ms()
+    store.release(s, "T", first, "t1")
+    woken.clear()  # T's body retried: the same id again, a fresh stay, blocked by the rate
+    assert store.acquire(s, "T", token("T"), new_ticket="t2", message="m2").parked
+    sweep_until_woken(store, s[0].tag, woken, "the retry woken once E leaves the window")
+    assert store.now_ms() < t_at + 1000, "too slow a host: T's start left the window"
+    starts = [score for _, score in store.client.zrange(log, 0, -1, withscores=True)]
+    assert len(starts) == 2 and min(starts) < 1e13 <= max(starts), \
+        "the retry's pending entry replaced T's start"
+    assert store.acquire(s, "F", token("F")).status == "blocked", \
+        "a third run started in one window of a rate of 2/s"
+
+
 @pytest.mark.parametrize("then", ["claims", "forfeits"])
 def test_a_rate_cleared_while_a_run_is_woken_leaves_no_log_without_expiry(store: Store,
                                                                          then: str) -> None:
@@ -766,7 +803,8 @@ def test_a_rate_cleared_while_a_run_is_woken_leaves_no_log_without_expiry(store:
         ok, mine = take(store, s, "r1", ticket="tr1", home=s[0].tag)
         assert ok
         # woken under the rate: its claim is a start, even though no rate is seen now
-        assert store.client.zscore(log, "r1") < 1e13
+        starts = store.client.zrange(log, 0, -1, withscores=True)
+        assert [(m.split(b"@")[0], score < 1e13) for m, score in starts] == [(b"r0", True), (b"r1", True)]
         store.release(s, "r1", mine, "tr1")
     else:
         store.forfeit(s, "r1", "tr1")

@@ -187,9 +187,13 @@ local function rate_woken(j, who)
 end
 
 -- A run woken under a rate starts when it claims, whether or not this call sees the rate.
+-- Its start gets a member of its own (as a fresh start's): the bare task id is only ever a
+-- pending entry, so a later stay of the same id (a retry) woken while this start is still in
+-- the window adds an entry rather than overwriting the start (a rate overrun).
 local function rate_claimed(j, who)
   if redis.call("ZSCORE", key(j, S), who) then
-    redis.call("ZADD", key(j, S), NOW, who)
+    redis.call("ZREM", key(j, S), who)
+    redis.call("ZADD", key(j, S), NOW, who .. "@" .. NOW)
     rate_log_settle(j)
   end
 end
@@ -204,6 +208,22 @@ end
 
 local function starts_with(s, prefix)
   return string.sub(s, 1, #prefix) == prefix
+end
+
+-- Redis Cluster: a run that took or claimed slot j in one step, and is blocked on a later
+-- one, keeps its unit without having started: its newest start here (member who@ms) goes
+-- back to the pending entry, which counts until it claims for good or the unit goes.
+local function rate_unstart(j, who)
+  local log = key(j, S)
+  local prefix = who .. "@"
+  for _, m in ipairs(redis.call("ZREVRANGEBYSCORE", log, PENDING - 1, "-inf")) do
+    if starts_with(m, prefix) and string.match(string.sub(m, #prefix + 1), "^%d+$") then
+      redis.call("ZREM", log, m)
+      redis.call("ZADD", log, PENDING + NOW, who)
+      redis.call("PERSIST", log)
+      return
+    end
+  end
 end
 
 -- A slot that is still simple (one hold in a STRING) becomes full (a ZSET), keeping that

@@ -58,9 +58,7 @@ for j = 1, N do
     if info == token then
       redis.call("ZADD", key(j, H), NOW + lease, who)
       redis.call("HSET", key(j, I), who, "@h" .. ticket)
-      if redis.call("ZSCORE", key(j, S), who) then
-        rate_woken(j, who) -- not started after all: pending again, until it claims for good
-      end
+      rate_unstart(j, who) -- not started after all: pending again, until it claims for good
     end
   elseif mode == "lost" then
     if info and starts_with(info, token) then
