@@ -191,8 +191,7 @@ end
 -- pending entry, so a later stay of the same id (a retry) woken while this start is still in
 -- the window adds an entry rather than overwriting the start (a rate overrun).
 local function rate_claimed(j, who)
-  if redis.call("ZSCORE", key(j, S), who) then
-    redis.call("ZREM", key(j, S), who)
+  if redis.call("ZREM", key(j, S), who) == 1 then
     redis.call("ZADD", key(j, S), NOW, who .. "@" .. NOW)
     rate_log_settle(j)
   end
@@ -213,14 +212,17 @@ end
 -- Redis Cluster: a run that took or claimed slot j in one step, and is blocked on a later
 -- one, keeps its unit without having started: its newest start here (member who@ms) goes
 -- back to the pending entry, which counts until it claims for good or the unit goes.
+-- A call that sees no rate (cleared, or a stale read) leaves the start counted.
 local function rate_unstart(j, who)
+  if not RATE[j] then
+    return
+  end
   local log = key(j, S)
   local prefix = who .. "@"
   for _, m in ipairs(redis.call("ZREVRANGEBYSCORE", log, PENDING - 1, "-inf")) do
     if starts_with(m, prefix) and string.match(string.sub(m, #prefix + 1), "^%d+$") then
       redis.call("ZREM", log, m)
-      redis.call("ZADD", log, PENDING + NOW, who)
-      redis.call("PERSIST", log)
+      rate_woken(j, who)
       return
     end
   end
